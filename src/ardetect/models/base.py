@@ -1,0 +1,150 @@
+"""The contract every autoregressive density model in ardetect follows.
+
+A model sees an image as integer *levels* ``x`` in ``[0, levels)`` of shape ``(B, C, H, W)``
+(binary images: ``levels == 2``; 8-bit images: ``levels == 256``) and factorises
+
+    log p(x) = sum_i log p(x_{o(i)} | x_{o(<i)})
+
+over an ordering ``o`` of the ``D = C*H*W`` positions (raster order unless the model says otherwise).
+``forward`` returns the conditionals as logits:
+
+* ``levels == 2``: Bernoulli logits with ``x``'s shape ``(B, C, H, W)``;
+* ``levels > 2``: categorical logits of shape ``(B, levels, C, H, W)`` (the layout ``F.cross_entropy``
+  expects), so subclasses never re-implement the likelihood.
+
+``log_prob`` is then exact and shared; sampling in the model's order is shared too, and models with a
+cheaper incremental path (RNN state, key/value caches) override ``sample``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ImageShape = tuple[int, int, int]
+
+
+class ARModel(nn.Module):
+    """Base class: subclasses set ``name`` and implement ``forward`` (logits)."""
+
+    name: ClassVar[str] = "base"
+    #: level counts the architecture supports; dense binary models restrict this to ``(2,)``.
+    supported_levels: ClassVar[tuple[int, ...]] = (2, 256)
+
+    def __init__(self, image_shape: Sequence[int], levels: int = 2) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in image_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape!r}")
+        if levels not in self.supported_levels:
+            raise ValueError(
+                f"model {self.name!r} supports levels {self.supported_levels}, got levels={levels}"
+            )
+        self.image_shape: ImageShape = (shape[0], shape[1], shape[2])
+        self.levels = int(levels)
+
+    @property
+    def num_dims(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    @property
+    def order(self) -> Tensor:
+        """Generation order: ``order[k]`` is the flat (C, H, W) index generated at step ``k``."""
+        return torch.arange(self.num_dims)
+
+    @property
+    def num_orderings(self) -> int:
+        """How many orderings the model mixes over (order-agnostic models override)."""
+        return 1
+
+    def select_ordering(self, k: int) -> None:
+        """Make ordering ``k`` the one ``forward`` and ``order`` use (a no-op for one ordering)."""
+        if not 0 <= k < self.num_orderings:
+            raise IndexError(f"{self.name} has {self.num_orderings} ordering(s), asked for {k}")
+
+    def scale_input(self, x: Tensor) -> Tensor:
+        """Map integer levels to floats in [0, 1] (binary images stay {0, 1})."""
+        return x.float() / (self.levels - 1)
+
+    def check_input(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"{self.name} was built for images of shape {self.image_shape}, "
+                f"got a batch of shape {tuple(x.shape)}"
+            )
+
+    def log_prob_from_logits(self, logits: Tensor, x: Tensor) -> Tensor:
+        """Exact log-likelihood in nats, shape (B,), from the conditionals ``logits``."""
+        if self.levels == 2:
+            nll = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
+        else:
+            nll = F.cross_entropy(logits.float(), x.long(), reduction="none")  # (B, C, H, W)
+        return -nll.flatten(1).sum(1)  # (B,)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Natural-log likelihood of each image, shape (B,)."""
+        self.check_input(x)
+        return self.log_prob_from_logits(self(x), x)
+
+    def training_nll(self, x: Tensor) -> Tensor:
+        """Mean NLL (nats per image) that training minimises; mixtures override this."""
+        return -self.log_prob(x).mean()
+
+    def bpd(self, x: Tensor) -> Tensor:
+        """Bits per dimension: -log p(x) / (C*H*W*ln 2), shape (B,)."""
+        return -self.log_prob(x) / (self.num_dims * math.log(2.0))
+
+    def sample_step(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Draw levels from the conditionals at the positions given in ``logits`` (..., [levels])."""
+        if self.levels == 2:
+            probs = torch.sigmoid(logits.float())
+            u = torch.rand(probs.shape, generator=generator, device=probs.device)
+            return (u < probs).float()
+        flat = logits.float().reshape(-1, self.levels)
+        probs = torch.softmax(flat, dim=-1)
+        draws = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+        return draws.float()
+
+    def position_logits(self, logits: Tensor, flat_index: int) -> Tensor:
+        """Logits of one flat position for the whole batch: (B,) or (B, levels)."""
+        b = logits.shape[0]
+        if self.levels == 2:
+            return logits.reshape(b, -1)[:, flat_index]
+        return logits.reshape(b, self.levels, -1)[:, :, flat_index]
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Ancestral sampling in the model's order, one full forward pass per position."""
+        device = next(self.parameters()).device
+        x = torch.zeros((n, *self.image_shape), device=device)  # (n, C, H, W)
+        flat = x.view(n, -1)  # (n, D), shares storage with x
+        for idx in self.order.tolist():
+            logits = self.position_logits(self(x), idx)
+            flat[:, idx] = self.sample_step(logits, generator)
+        return x
+
+    def extra_checkpoint(self) -> dict[str, Any]:
+        """Extra picklable state for checkpoints (e.g. mask seeds); empty by default."""
+        return {}
+
+
+class MaskedLinear(nn.Linear):
+    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask buffer inside ``F.linear``."""
+
+    mask: Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("mask", torch.ones(out_features, in_features))
+
+    def set_mask(self, mask: Tensor) -> None:
+        self.mask.copy_(mask.to(self.mask.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.mask * self.weight, self.bias)
