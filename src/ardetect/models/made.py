@@ -67,6 +67,7 @@ class MADE(ARModel):
         for i, store in enumerate(per_layer):
             self.register_buffer(f"masks_{i}", torch.stack(store))  # (K, out, in)
         self.mask_index = 0
+        self._train_steps = 0
         self.select_ordering(0)
 
     @property
@@ -101,10 +102,11 @@ class MADE(ARModel):
         return torch.logsumexp(stacked, 0) - math.log(self.num_orderings)  # (B,)
 
     def training_nll(self, x: Tensor) -> Tensor:
-        """Order-agnostic training: the NLL under the current mask, then move to the next mask."""
-        nll = -self.log_prob_from_logits(self(x), x).mean()
-        self.select_ordering((self.mask_index + 1) % self.num_orderings)
-        return nll
+        """Order-agnostic training: each step uses the next mask in turn."""
+        if self.num_orderings > 1:  # switch before the forward pass: backward needs this step's masks
+            self.select_ordering(self._train_steps % self.num_orderings)
+            self._train_steps += 1
+        return -self.log_prob_from_logits(self(x), x).mean()
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -1,0 +1,43 @@
+# Two commands take a fresh machine to results:
+#   make repro   install everything, then run the pipeline (`dvc repro`) on the default params
+#   make test    install everything, then run the checks and the test suite
+# Both are idempotent: the install step reruns only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: repro test install data-package lint clean-outputs
+
+repro: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/ruff check src pipeline tests
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+install: $(STAMP) data-package
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST offline: Debian's dataset-fashion-mnist holds the full set. Skipped where it is
+# already installed or where there is no apt (then use data.root or the canonical download).
+data-package:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "note: no apt-get; set data.root in params.yaml to a folder with the Fashion-MNIST IDX files"; fi
+
+lint: install
+	$(BIN)/ruff check src pipeline tests
+	$(BIN)/mypy
+
+clean-outputs:
+	rm -rf data/dataset data/binarized data/models data/metrics data/plots checkpoints
