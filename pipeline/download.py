@@ -18,10 +18,16 @@ CACHE = Path("data/torchvision")
 def main() -> None:
     params = load_params()
     p = params.data
-    with stage_run("download", params.tracking, params=dataclasses.asdict(p),
-                   all_params=dataclasses.asdict(params)) as run:
+    with stage_run(
+        "download", params.tracking, params=dataclasses.asdict(p), all_params=dataclasses.asdict(params)
+    ) as run:
         splits, source = prepare(
-            p.dataset, p.root, CACHE, val_fraction=p.val_fraction, test_fraction=p.test_fraction, seed=p.seed,
+            p.dataset,
+            p.root,
+            CACHE,
+            val_fraction=p.val_fraction,
+            test_fraction=p.test_fraction,
+            seed=p.seed,
             max_sizes={"train": p.max_train, "val": p.max_val, "test": p.max_test},
         )
         info = {"dataset": p.dataset, "source": source, "splits": describe(splits)}

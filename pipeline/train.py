@@ -23,25 +23,43 @@ DATA = Path("data/binarized")
 def main(name: str) -> None:
     params = load_params()
     if name not in params.models:
-        raise ParamsError(f"no model {name!r} under models in params.yaml (defined: {', '.join(params.models)})")
+        raise ParamsError(
+            f"no model {name!r} under models in params.yaml (defined: {', '.join(params.models)})"
+        )
     entry, tp = params.models[name], params.train_params(name)
     device = resolve_device(tp.device)
     b = params.binarize
     data = training_data(DATA, entry.levels, b.mode, b.resample_train, b.seed + tp.seed, device)
     torch.manual_seed(tp.seed)  # model initialisation is part of the seeded run
     model = build_model(entry.arch, data.image_shape, levels=entry.levels, **entry.hparams)
-    outs = Path("data/models") / name, Path("data/metrics/train") / f"{name}.json", Path("data/plots/train") / f"{name}.csv"
-    logged = {"model": dataclasses.asdict(entry), "train": dataclasses.asdict(tp), "binarize": dataclasses.asdict(b),
-              "num_parameters": sum(p.numel() for p in model.parameters()), "device": str(device)}
+    outs = (
+        Path("data/models") / name,
+        Path("data/metrics/train") / f"{name}.json",
+        Path("data/plots/train") / f"{name}.csv",
+    )
+    logged = {
+        "model": dataclasses.asdict(entry),
+        "train": dataclasses.asdict(tp),
+        "binarize": dataclasses.asdict(b),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+    }
     with stage_run(f"train@{name}", params.tracking, params=logged, inputs=[DATA]) as run:
-        result = fit(model, data.train, data.val, tp, checkpoint_path=Path("checkpoints") / name / "best.pt",
-                     device=device, on_epoch=lambda r: run.log_metrics(r, step=int(r["epoch"])),
-                     checkpoint_extra={"name": name})
+        result = fit(
+            model,
+            data.train,
+            data.val,
+            tp,
+            checkpoint_path=Path("checkpoints") / name / "best.pt",
+            device=device,
+            on_epoch=lambda r: run.log_metrics(r, step=int(r["epoch"])),
+            checkpoint_extra={"name": name},
+        )
         test_nll = evaluate_nll(model, data.test, tp.eval_batch_size, device).mean().item()
         metrics = {
             "test_nll": test_nll,
             "test_bpd": nats_to_bpd(test_nll, model.num_dims),
-            "val_nll": result.best_val_nll,
+            "best_val_nll": result.best_val_nll,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             "train_seconds": result.seconds,
@@ -51,7 +69,9 @@ def main(name: str) -> None:
         with staged_outputs(*outs) as (model_dir, metrics_path, plot_path):
             model_dir.mkdir()
             save_model(model, model_dir / "model.pt", name=name, metrics=metrics)
-            save_image(samples.float().cpu() / (model.levels - 1), model_dir / "samples.png", nrow=8, padding=1)
+            save_image(
+                samples.float().cpu() / (model.levels - 1), model_dir / "samples.png", nrow=8, padding=1
+            )
             pd.DataFrame(result.history).to_csv(plot_path, index=False)
             run.log_headline(metrics, prefix=f"train/{name}")
             run.log_artifact(model_dir / "samples.png")
@@ -59,8 +79,10 @@ def main(name: str) -> None:
             if params.tracking.log_models:
                 run.log_torch_model(model.cpu())
             write_json(metrics_path, metrics)
-        print(f"{name}: test NLL {test_nll:.2f} nats, {metrics['test_bpd']:.4f} bpd "
-              f"(best epoch {result.best_epoch}, {result.train_images_per_second:.0f} img/s)")
+        print(
+            f"{name}: test NLL {test_nll:.2f} nats, {metrics['test_bpd']:.4f} bpd "
+            f"(best epoch {result.best_epoch}, {result.train_images_per_second:.0f} img/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import dataclasses
+from typing import Any, TypeVar, dataclass_transform
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 T = TypeVar("T")
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, Field))
 def config_dataclass(cls: type[T]) -> type[T]:
     """A frozen dataclass whose fields are validated and whose unknown keywords are errors."""
     return _pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)  # type: ignore[return-value]

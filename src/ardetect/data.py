@@ -59,7 +59,9 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}"
+            )
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -183,7 +185,9 @@ def load_raw(dataset: str, root: str | Path | None, cache: Path) -> RawDataset:
         folders.append((f"Debian package {APT_PACKAGES[dataset]}", DEBIAN_FOLDERS[dataset]))
     for label, folder in folders:
         if label == "data.root" and not folder.is_dir():
-            raise DataError(f"data.root is {str(folder)!r}, which is not a folder; fix data.root in params.yaml")
+            raise DataError(
+                f"data.root is {str(folder)!r}, which is not a folder; fix data.root in params.yaml"
+            )
         try:
             _install_into_torchvision_root(folder, dataset, cache)
         except FileNotFoundError as err:
@@ -265,7 +269,7 @@ def bernoulli_resampler(gray: torch.Tensor, seed: int) -> Callable[[int], torch.
 def save_split(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
 
 
 def load_split(path: Path) -> dict[str, np.ndarray]:
@@ -273,7 +277,6 @@ def load_split(path: Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{path} does not exist; run the earlier stages first (`dvc repro`)")
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
-
 
 
 def describe(splits: dict[str, Split]) -> dict[str, object]:
@@ -288,22 +291,30 @@ def describe(splits: dict[str, Split]) -> dict[str, object]:
     return out
 
 
-
-
 # ------------------------------------------------------------------------------ stage-level helpers
 
 
-def prepare(dataset: str, root: str | None, cache: Path, *, val_fraction: float, test_fraction: float,
-            seed: int, max_sizes: dict[str, int | None]) -> tuple[dict[str, Split], str]:
+def prepare(
+    dataset: str,
+    root: str | None,
+    cache: Path,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    max_sizes: dict[str, int | None],
+) -> tuple[dict[str, Split], str]:
     """The ``download`` stage's work: the dataset from its first available source, split."""
     raw = load_raw(dataset, root, cache)
-    splits = make_splits(raw, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                         max_sizes=max_sizes)
+    splits = make_splits(
+        raw, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, max_sizes=max_sizes
+    )
     return splits, raw.source
 
 
-def binarize_splits(splits: dict[str, dict[str, np.ndarray]], mode: str, threshold: float,
-                    seed: int) -> dict[str, dict[str, np.ndarray]]:
+def binarize_splits(
+    splits: dict[str, dict[str, np.ndarray]], mode: str, threshold: float, seed: int
+) -> dict[str, dict[str, np.ndarray]]:
     """The ``binarize`` stage's work: a binary copy of every split next to its gray levels.
 
     Static: threshold. Dynamic: one fixed, seeded Bernoulli draw per split (a different stream per
@@ -330,8 +341,9 @@ class TrainingData:
     image_shape: tuple[int, int, int]
 
 
-def training_data(folder: Path, levels: int, mode: str, resample_train: bool, seed: int,
-                  device: torch.device) -> TrainingData:
+def training_data(
+    folder: Path, levels: int, mode: str, resample_train: bool, seed: int, device: torch.device
+) -> TrainingData:
     """Binary models get the binarised images (fresh draws per epoch for dynamic + resample);
     8-bit models get the gray levels."""
     arrays = {name: load_split(folder / f"{name}.npz") for name in SPLITS}

@@ -124,12 +124,16 @@ def _format(loc: tuple[Any, ...], value: Any, msg: str, valid: list[str]) -> str
     path = ".".join(str(p) for p in loc)
     if msg.startswith("Unexpected keyword argument") or msg.startswith("Extra inputs"):
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else (f" (allowed: {', '.join(valid)})" if valid else "")
+        extra = (
+            f" (did you mean {hint[0]!r}?)" if hint else (f" (allowed: {', '.join(valid)})" if valid else "")
+        )
         return f"{path}: unknown key{extra}"
     return f"{path} = {value!r}: {msg}"
 
 
-def _errors(err: ValidationError, prefix: tuple[Any, ...] = (), valid_fields: list[str] | None = None) -> list[str]:
+def _errors(
+    err: ValidationError, prefix: tuple[Any, ...] = (), valid_fields: list[str] | None = None
+) -> list[str]:
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if p not in ("function-after",))
@@ -174,9 +178,13 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
             names = [f.name for f in dataclasses.fields(config_cls)]
             problems += _errors(err, ("models", name, "hparams"), names)
         try:
-            TypeAdapter(TrainParams).validate_python({**dataclasses.asdict(params.train.defaults), **entry.train})
+            TypeAdapter(TrainParams).validate_python(
+                {**dataclasses.asdict(params.train.defaults), **entry.train}
+            )
         except ValidationError as err:
-            problems += _errors(err, ("models", name, "train"), [f.name for f in dataclasses.fields(TrainParams)])
+            problems += _errors(
+                err, ("models", name, "train"), [f.name for f in dataclasses.fields(TrainParams)]
+            )
     if problems:
         raise ParamsError(f"{source} is invalid:\n" + "\n".join(f"  - {m}" for m in problems))
     return params

@@ -62,7 +62,9 @@ def pipeline_identity() -> tuple[str, dict[str, str]]:
 def git_tags(root: Path) -> dict[str, str]:
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return ""
 
@@ -172,7 +174,9 @@ def _parent_run(experiment_id: str, root: Path, all_params: Mapping[str, Any] | 
 
     client = mlflow.MlflowClient()
     key, launch_tags = pipeline_identity()
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1
+    )
     if found:
         run_id = str(found[0].info.run_id)
         client.update_run(run_id, status="RUNNING")

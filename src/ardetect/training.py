@@ -37,7 +37,9 @@ class FitResult:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.defaults.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise RuntimeError(
+            "train.defaults.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'"
+        )
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -47,7 +49,10 @@ def resolve_device(name: str) -> torch.device:
 def evaluate_nll(model: ARModel, data: Tensor, batch_size: int, device: torch.device) -> Tensor:
     """Per-image NLL in nats (float64, on the CPU), exact: no autocast at evaluation."""
     model.eval()
-    out = [-model.log_prob(data[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(data), batch_size)]
+    out = [
+        -model.log_prob(data[i : i + batch_size].to(device)).double().cpu()
+        for i in range(0, len(data), batch_size)
+    ]
     return torch.cat(out)  # (N,)
 
 
@@ -61,7 +66,9 @@ def _scheduler(
     if params.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
     if params.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(0, params.patience // 2))
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, factor=0.5, patience=max(0, params.patience // 2)
+        )
     return None
 
 
@@ -104,8 +111,13 @@ def fit(
         model.train()
         total = torch.zeros((), device=device, dtype=torch.float64)
         t0 = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"{model.name} epoch {epoch}/{params.epochs}", disable=not params.progress,
-                   leave=False, mininterval=1.0)
+        bar = tqdm(
+            range(steps),
+            desc=f"{model.name} epoch {epoch}/{params.epochs}",
+            disable=not params.progress,
+            leave=False,
+            mininterval=1.0,
+        )
         for step in bar:
             xb = data[perm[step * params.batch_size : (step + 1) * params.batch_size]]  # (B, C, H, W)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):

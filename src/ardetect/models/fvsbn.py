@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ardetect.models.base import ARModel, MaskedLinear
 from ardetect.configs import config_dataclass
+from ardetect.models.base import ARModel, MaskedLinear
 
 
 @config_dataclass

@@ -14,8 +14,8 @@ import torch
 from pydantic import NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
-from ardetect.models.base import ARModel, MaskedLinear
 from ardetect.configs import config_dataclass
+from ardetect.models.base import ARModel, MaskedLinear
 
 
 @config_dataclass
@@ -57,7 +57,8 @@ class MADE(ARModel):
         sizes = [d, *config.hidden, d]
         self.layers = nn.ModuleList(MaskedLinear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         gen = torch.Generator().manual_seed(config.seed)
-        orders, per_layer = [], [[] for _ in self.layers]
+        orders: list[Tensor] = []
+        per_layer: list[list[Tensor]] = [[] for _ in self.layers]
         for _ in range(config.num_masks):
             order, masks = made_masks(d, config.hidden, config.natural_ordering, gen)
             orders.append(order)
@@ -77,6 +78,7 @@ class MADE(ARModel):
     def select_ordering(self, k: int) -> None:
         self.mask_index = k
         for i, layer in enumerate(self.layers):
+            assert isinstance(layer, MaskedLinear)
             layer.set_mask(getattr(self, f"masks_{i}")[k])
 
     @property

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from ardetect.models.base import ARModel
 from ardetect.configs import config_dataclass
+from ardetect.models.base import ARModel
 
 
 @config_dataclass

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ardetect.params import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repository_params_are_valid() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.dataset == "fashion-mnist"
+    assert params.binarize.mode == "dynamic"
+    assert set(params.train.models) <= set(params.models)
+
+
+def test_model_train_overrides_sit_on_defaults() -> None:
+    raw = default_raw()
+    raw["models"]["nade"]["train"] = {"epochs": 7}
+    params = parse_params(raw)
+    assert params.train_params("nade").epochs == 7
+    assert params.train_params("nade").batch_size == params.train.defaults.batch_size
+    assert params.train_params("fvsbn").epochs == params.train.defaults.epochs
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["data"].update(dataset="cifar"), "data.dataset = 'cifar': Input should be 'mnist'"),
+        (
+            lambda r: r["train"]["defaults"].update(lr=-0.1),
+            "train.defaults.lr = -0.1: Input should be greater than 0",
+        ),
+        (
+            lambda r: r["train"]["defaults"].update(epocs=3),
+            "train.defaults.epocs: unknown key (did you mean 'epochs'?)",
+        ),
+        (lambda r: r["train"]["defaults"].update(batch_size="big"), "train.defaults.batch_size = 'big'"),
+        (
+            lambda r: r["binarize"].update(threshold=1.5),
+            "binarize.threshold = 1.5: Input should be less than 1",
+        ),
+        (lambda r: r.update(datta={}), "datta: unknown key (did you mean 'data'?)"),
+        (
+            lambda r: r["models"]["made"]["hparams"].update(hiden=[3]),
+            "models.made.hparams.hiden: unknown key (did you mean 'hidden'?)",
+        ),
+        (lambda r: r["models"]["made"]["hparams"].update(hidden=[-3]), "models.made.hparams.hidden.0 = -3"),
+        (
+            lambda r: r["models"]["nade"].update(arch="nadee"),
+            "models.nade.arch = 'nadee': unknown architecture",
+        ),
+        (lambda r: r["models"]["nade"].update(levels=256), "models.nade.levels = 256: nade supports [2]"),
+        (lambda r: r["models"]["nade"].update(train={"patience": 0}), "models.nade.train.patience = 0"),
+        (
+            lambda r: r["train"].update(models=["fvsbn", "pixelcnnn"]),
+            "train.models[1] = 'pixelcnnn': no such entry",
+        ),
+    ],
+)
+def test_bad_params_name_the_key_value_and_rule(edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    raw = default_raw()
+    edit(raw)
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    assert message in str(info.value)
+
+
+def test_all_problems_reported_at_once() -> None:
+    raw = default_raw()
+    raw["train"]["defaults"]["lr"] = 0
+    raw["data"]["seed"] = -1
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    assert "train.defaults.lr" in str(info.value) and "data.seed" in str(info.value)
+
+
+def test_missing_and_malformed_file(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("data: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
