@@ -11,13 +11,19 @@ from typing import Any
 
 import torch
 
-from ardetect.models.base import ARModel, MaskedLinear
 from ardetect.configs import as_plain
+from ardetect.models.base import ARModel, MaskedLinear
 from ardetect.models.fvsbn import FVSBN
+from ardetect.models.gated_pixelcnn import GatedPixelCNN
 from ardetect.models.made import MADE
 from ardetect.models.nade import NADE
+from ardetect.models.pixelcnn import PixelCNN
+from ardetect.models.rnn import RasterLSTM
+from ardetect.models.transformer import PixelTransformer
 
-REGISTRY: dict[str, type[ARModel]] = {cls.name: cls for cls in (FVSBN, NADE, MADE)}
+REGISTRY: dict[str, type[ARModel]] = {
+    cls.name: cls for cls in (FVSBN, NADE, MADE, RasterLSTM, PixelCNN, GatedPixelCNN, PixelTransformer)
+}
 
 
 def register(cls: type[ARModel]) -> type[ARModel]:
@@ -96,9 +102,9 @@ def load_model(path: str | os.PathLike[str]) -> ARModel:
 
 
 __all__ = [
+    "REGISTRY",
     "ARModel",
     "MaskedLinear",
-    "REGISTRY",
     "atomic_torch_save",
     "build_config",
     "build_model",

@@ -1,0 +1,111 @@
+"""PixelCNN (van den Oord et al., 2016, "Pixel Recurrent Neural Networks"), single-channel images.
+
+A 7x7 mask-A convolution (the centre pixel and everything after it in raster order are hidden), then
+residual blocks of 1x1 -> 3x3 mask-B -> 1x1 convolutions, then a 1x1 ReLU head: every output sees only
+earlier pixels, and one pass scores the whole image.
+
+Stacked masked convolutions leave a *blind spot*: information moves right only when it moves up a row,
+so the output at (r, c) never sees the pixel (r-1, c + kernel_size//2 + 1) (for a block kernel no wider
+than the input kernel), however deep the network; ``gated_pixelcnn`` removes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import PositiveInt
+from torch import Tensor, nn
+
+from ardetect.configs import config_dataclass
+from ardetect.models.base import ARModel
+
+
+@config_dataclass
+class PixelCNNConfig:
+    channels: PositiveInt = 64  # width of the residual stream (the paper's 2h)
+    blocks: PositiveInt = 7  # residual blocks of mask-B convolutions
+    kernel_size: PositiveInt = 7  # the mask-A input convolution
+    block_kernel_size: PositiveInt = 3  # the mask-B convolution inside each block
+    head_channels: PositiveInt = 64  # the 1x1 ReLU output layers
+
+    def __post_init__(self) -> None:
+        for field in ("kernel_size", "block_kernel_size"):
+            if getattr(self, field) % 2 == 0:
+                raise ValueError(f"{field} must be odd so the mask has a centre, got {getattr(self, field)}")
+
+
+def causal_mask(kernel_size: int, mask_type: Literal["A", "B"]) -> Tensor:
+    """(k, k) raster-order mask: rows above the centre, and the centre row left of (A) or up to (B) it."""
+    k, centre = kernel_size, kernel_size // 2
+    mask = torch.zeros(k, k)
+    mask[:centre] = 1.0
+    mask[centre, : centre + (mask_type == "B")] = 1.0
+    return mask
+
+
+class MaskedConv2d(nn.Conv2d):
+    """Same-size ``nn.Conv2d`` whose weight is multiplied by a fixed causal mask inside ``F.conv2d``.
+
+    Single input channel (C == 1) only: no channel masking, so mask B lets an output see its own
+    position only through features that themselves never saw the pixel there.
+    """
+
+    mask: Tensor
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, mask_type: Literal["A", "B"]
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.mask_type = mask_type
+        self.register_buffer("mask", causal_mask(kernel_size, mask_type)[None, None])  # (1, 1, k, k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+
+
+class ResidualBlock(nn.Module):
+    """ReLU-1x1 down to half width, ReLU-kxk mask B, ReLU-1x1 back up, added to the stream."""
+
+    def __init__(self, channels: int, kernel_size: int) -> None:
+        super().__init__()
+        half = max(channels // 2, 1)
+        self.down = nn.Conv2d(channels, half, 1)
+        self.conv = MaskedConv2d(half, half, kernel_size, "B")
+        self.up = nn.Conv2d(half, channels, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.down(F.relu(h))  # (B, ch/2, H, W)
+        out = self.conv(F.relu(out))  # (B, ch/2, H, W)
+        return h + self.up(F.relu(out))  # (B, ch, H, W)
+
+
+class PixelCNN(ARModel):
+    name = "pixelcnn"
+    Config = PixelCNNConfig
+
+    def __init__(self, image_shape: Sequence[int], config: PixelCNNConfig, levels: int = 2) -> None:
+        super().__init__(image_shape, levels)
+        if self.image_shape[0] != 1:
+            raise ValueError(
+                f"pixelcnn supports single-channel images only (its masks do not order colour channels), "
+                f"got image_shape={self.image_shape}"
+            )
+        self.config = config
+        ch = config.channels
+        self.input_conv = MaskedConv2d(1, ch, config.kernel_size, "A")
+        blocks = (ResidualBlock(ch, config.block_kernel_size) for _ in range(config.blocks))
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(ch, config.head_channels, 1),
+            nn.ReLU(),
+            nn.Conv2d(config.head_channels, 1 if levels == 2 else levels, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.input_conv(self.scale_input(x))  # (B, ch, H, W)
+        out = self.head(self.blocks(h))  # (B, 1 or levels, H, W)
+        return out if self.levels == 2 else out.unsqueeze(2)  # (B, 1, H, W) or (B, levels, 1, H, W)
