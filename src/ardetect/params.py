@@ -67,6 +67,7 @@ class TrainParams:
     grad_clip: PositiveFloat | None = 1.0
     patience: PositiveInt = 3
     max_train_images: PositiveInt | None = None
+    max_minutes: PositiveFloat | None = None
     seed: NonNegativeInt = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True

@@ -171,6 +171,8 @@ def fit(
             bad_epochs += 1
             if bad_epochs >= params.patience:
                 break
+        if params.max_minutes is not None and time.perf_counter() - start > 60 * params.max_minutes:
+            break  # a wall-clock budget: convenient, but the stopping epoch then depends on the machine
 
     model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
     return FitResult(

@@ -1,0 +1,130 @@
+"""Bits per dimension of gray images under a trained density model.
+
+``BPD(x) = -log p(x) / (C*H*W*ln 2)``. How a gray image (uint8 levels, or floats in [0, 1] = gray/255)
+meets the model depends on the model's levels:
+
+* binary models (``levels == 2``) with ``"static"`` binarization: the BPD of the thresholded image
+  ``gray/255 > threshold`` (0.5 unless the data were binarised with another; standard error 0);
+* binary models with ``"dynamic"`` binarization: the expected BPD over Bernoulli images with
+  ``p = gray/255``, estimated from ``num_draws`` seeded draws, with its Monte-Carlo standard error
+  ``std(ddof=1) / sqrt(num_draws)``. Row ``i``'s draws come from a generator seeded with ``(seed, i)``,
+  so a score depends neither on the batch size nor on the other images in the batch;
+* 8-bit models (``levels == 256``): the exact BPD of the uint8 image (``binarization`` must be ``None``;
+  standard error 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, NonNegativeInt, PositiveInt
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ardetect.configs import config_dataclass
+from ardetect.models.base import ARModel
+
+Binarization = Literal["static", "dynamic"] | None
+ArrayLike = np.ndarray | Tensor
+
+
+@config_dataclass
+class ScoreConfig:
+    """Monte-Carlo draws for dynamic binarization (at least 2, for a standard error) and batching.
+
+    ``batch_size`` counts model rows per forward pass: images for static/8-bit scoring, images × draws
+    for dynamic scoring, so memory stays bounded whatever ``num_draws`` is.
+    """
+
+    num_draws: Annotated[int, Field(ge=2)] = 16
+    seed: NonNegativeInt = 0
+    batch_size: PositiveInt = 256
+
+
+def gray_to_unit(gray: ArrayLike, image_shape: tuple[int, ...]) -> Tensor:
+    """Validate gray images (N, C, H, W) for a model of ``image_shape``; return floats in [0, 1] (CPU)."""
+    x = torch.as_tensor(gray)
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got an array of shape {tuple(x.shape)}")
+    if tuple(x.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"model trained on shape {tuple(image_shape)}, got {tuple(x.shape[1:])}")
+    if x.dtype == torch.bool:
+        raise TypeError("images must be uint8 gray levels or floats in [0, 1], got bool")
+    if x.is_floating_point():
+        if x.numel() and not (x.min() >= 0 and x.max() <= 1):  # also rejects NaN
+            raise ValueError(
+                f"float images must lie in [0, 1] (gray/255), got values in "
+                f"[{x.min().item():g}, {x.max().item():g}]"
+            )
+        return x.float().cpu()
+    if x.dtype != torch.uint8:
+        if x.numel() and (x.min() < 0 or x.max() > 255):
+            raise ValueError(
+                "integer images must be gray levels in [0, 255], "
+                f"got values in [{x.min().item()}, {x.max().item()}]"
+            )
+    return x.cpu().float() / 255.0
+
+
+def _levels_for_256(p: Tensor) -> Tensor:
+    levels = p * 255.0
+    rounded = levels.round()
+    if (levels - rounded).abs().max() > 1e-3:
+        raise ValueError("float images scored by a 256-level model must be multiples of 1/255 (gray/255)")
+    return rounded
+
+
+@torch.inference_mode()
+def score_bpd(
+    model: ARModel,
+    gray: ArrayLike,
+    binarization: Binarization,
+    config: ScoreConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BPD of each image and its standard error, two float64 arrays of shape (N,).
+
+    ``gray``: uint8 gray levels (N, C, H, W), or floats in [0, 1]; ``binarization`` as in the module
+    docstring (``threshold`` is the static binarisation's, as in training). ``config.batch_size`` model rows (images × draws for dynamic) go through the model at once.
+    """
+    if model.levels == 2 and binarization not in ("static", "dynamic"):
+        raise ValueError(
+            f"a binary model (levels=2) needs binarization 'static' or 'dynamic', got {binarization!r}"
+        )
+    if model.levels != 2 and binarization is not None:
+        raise ValueError(
+            f"a {model.levels}-level model scores gray images exactly; binarization must be None, "
+            f"got {binarization!r}"
+        )
+    p_all = gray_to_unit(gray, model.image_shape)  # (N, C, H, W) in [0, 1]
+    device = torch.device(device)
+    model = model.to(device).eval()
+    n, s = len(p_all), config.num_draws
+    mean, se = np.zeros(n), np.zeros(n)
+    per_batch = max(1, config.batch_size // s) if binarization == "dynamic" else config.batch_size
+    for i in tqdm(range(0, n, per_batch), desc="bpd", leave=False, disable=not progress):
+        p = p_all[i : i + per_batch]  # (B, C, H, W)
+        if model.levels != 2:
+            mean[i : i + len(p)] = model.bpd(_levels_for_256(p).to(device)).double().cpu().numpy()
+        elif binarization == "static":
+            mean[i : i + len(p)] = model.bpd((p > threshold).float().to(device)).double().cpu().numpy()
+        else:
+            gens = [torch.Generator().manual_seed(_row_seed(config.seed, i + j)) for j in range(len(p))]
+            u = torch.stack(
+                [torch.rand((s, *p.shape[1:]), generator=g) for g in gens], dim=1
+            )  # (S, B, C, H, W)
+            draws = (u < p).float()  # (S, B, C, H, W)
+            bpd = model.bpd(draws.flatten(0, 1).to(device)).double().cpu().view(s, len(p))  # (S, B)
+            mean[i : i + len(p)] = bpd.mean(0).numpy()
+            se[i : i + len(p)] = (bpd.std(0, unbiased=True) / math.sqrt(s)).numpy()
+    return mean, se
+
+
+def _row_seed(seed: int, row: int) -> int:
+    """A distinct 63-bit seed per (seed, row) pair."""
+    return (seed * 1_000_003 + row) % (2**63 - 1)

@@ -1,0 +1,238 @@
+"""Classifier training and Foolbox attacks on sklearn's 8x8 digits (a few seconds on a CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from sklearn.datasets import load_digits
+
+from ardetect.attacks import (
+    ATTACKS,
+    AttackConfig,
+    AttackResult,
+    adversarial_figure,
+    attack_summary,
+    run_attacks,
+    select_correct,
+)
+from ardetect.classifier import (
+    ClassifierConfig,
+    SmallCNN,
+    accuracy,
+    load_classifier,
+    predict,
+    save_classifier,
+    train_classifier,
+)
+
+EPSILONS = (0.1, 0.3)
+TINY = ClassifierConfig(
+    channels=(16, 32), hidden=32, dropout=0.0, epochs=10, batch_size=32, lr=5e-3, patience=5
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny 8x8 convolutions run several times faster on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, np.ndarray]:
+    data = load_digits()
+    gray = np.rint(data.images * 255.0 / 16.0).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    y = data.target.astype(np.int64)
+    return {
+        "x": gray[:1200],
+        "y": y[:1200],
+        "xv": gray[1200:1400],
+        "yv": y[1200:1400],
+        "xt": gray[1400:],
+        "yt": y[1400:],
+    }
+
+
+@pytest.fixture(scope="module")
+def classifier(digits: dict[str, np.ndarray]) -> SmallCNN:
+    model, _ = train_classifier(digits["x"], digits["y"], digits["xv"], digits["yv"], TINY, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def attacked(
+    classifier: SmallCNN, digits: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, list[AttackResult]]:
+    idx = select_correct(classifier, digits["xt"], digits["yt"], 48)
+    x, y = digits["xt"][idx], digits["yt"][idx]
+    config = AttackConfig(
+        epsilons=EPSILONS,
+        deepfool_steps=20,
+        cw_steps=50,
+        cw_binary_search_steps=4,
+        batch_size=32,
+    )
+    return x, y, run_attacks(classifier, x, y, config, progress=False)
+
+
+def test_classifier_learns_digits(classifier: SmallCNN, digits: dict[str, np.ndarray]) -> None:
+    assert accuracy(classifier, digits["xt"], digits["yt"]) > 0.9
+
+
+def test_cnn_handles_28x28() -> None:
+    model = SmallCNN((1, 28, 28), ClassifierConfig())
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_early_stopping_keeps_best_epoch(digits: dict[str, np.ndarray]) -> None:
+    """With a learning rate too small to move the weights, val accuracy never improves after epoch 1."""
+    seen: list[dict[str, float]] = []
+    config = ClassifierConfig(channels=(4, 4), hidden=8, epochs=10, patience=2, lr=1e-12)
+    _, history = train_classifier(
+        digits["x"][:200],
+        digits["y"][:200],
+        digits["xv"],
+        digits["yv"],
+        config,
+        on_epoch=seen.append,
+        progress=False,
+    )
+    assert len(history) == 3
+    assert seen == history
+
+
+def test_save_load_roundtrip(classifier: SmallCNN, tmp_path, digits: dict[str, np.ndarray]) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "clf.pt"
+    save_classifier(classifier, path)
+    loaded = load_classifier(path)
+    assert loaded.config == classifier.config
+    assert np.array_equal(predict(loaded, digits["xt"]), predict(classifier, digits["xt"]))
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), classifier.eval()(x))
+
+
+def test_classifier_rejects_bad_images(classifier: SmallCNN) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        predict(classifier, np.full((2, 1, 8, 8), 2.0, dtype=np.float32))
+    with pytest.raises(TypeError, match="uint8"):
+        predict(classifier, np.zeros((2, 1, 8, 8), dtype=np.int16))
+
+
+def test_select_correct(classifier: SmallCNN, digits: dict[str, np.ndarray]) -> None:
+    x, y = digits["xt"], digits["yt"]
+    idx = select_correct(classifier, x, y, 20)
+    right = np.flatnonzero(predict(classifier, x) == y)
+    assert np.array_equal(idx, right[:20])
+    with pytest.raises(ValueError, match=r"num_attack_images=5000 exceeds the 397 test images"):
+        select_correct(classifier, x, y, 5000, param="num_attack_images")
+    wrong = (y + 1) % 10  # every label wrong, so nothing is classified correctly
+    with pytest.raises(ValueError, match=r"only \d+ of 397 .* fewer than num_images=10"):
+        select_correct(classifier, x, wrong, 10)
+
+
+def test_unknown_attack_and_bad_epsilon_rejected() -> None:
+    with pytest.raises(ValueError, match=r"bogus.*valid attacks: fgsm, pgd, noise, deepfool, cw"):
+        AttackConfig(attacks=("fgsm", "bogus"))
+    for eps in (0.0, 1.5):
+        with pytest.raises(ValueError, match="epsilons"):
+            AttackConfig(epsilons=(eps,))
+
+
+def test_one_result_per_attack_and_epsilon(
+    attacked: tuple[np.ndarray, np.ndarray, list[AttackResult]],
+) -> None:
+    _, _, results = attacked
+    keys = [(r.attack, r.epsilon) for r in results]
+    assert keys == [
+        ("fgsm", 0.1),
+        ("fgsm", 0.3),
+        ("pgd", 0.1),
+        ("pgd", 0.3),
+        ("noise", 0.1),
+        ("noise", 0.3),
+        ("deepfool", None),
+        ("cw", None),
+    ]
+    assert {r.attack for r in results} == set(ATTACKS)
+
+
+def test_linf_attacks_stay_within_epsilon(
+    attacked: tuple[np.ndarray, np.ndarray, list[AttackResult]],
+) -> None:
+    x, _, results = attacked
+    clean = x.astype(np.float64) / 255.0
+    for r in results:
+        if r.epsilon is None:
+            continue
+        raw = np.abs(r.before_rounding.astype(np.float64) - clean).max()
+        rounded = np.abs(r.adversarial.astype(np.float64) / 255.0 - clean).max()
+        assert raw <= r.epsilon + 1e-6, r.name
+        assert rounded <= r.epsilon + 0.5 / 255 + 1e-6, r.name
+        assert r.linf.max() <= r.epsilon + 0.5 / 255 + 1e-6
+
+
+def test_adversarials_are_valid_images(attacked: tuple[np.ndarray, np.ndarray, list[AttackResult]]) -> None:
+    x, _, results = attacked
+    for r in results:
+        assert r.adversarial.dtype == np.uint8 and r.adversarial.shape == x.shape
+        assert r.before_rounding.min() >= 0 and r.before_rounding.max() <= 1
+        assert np.array_equal(r.adversarial, np.rint(r.before_rounding * 255).astype(np.uint8))
+        delta = r.adversarial.astype(np.float64) / 255 - x / 255.0
+        np.testing.assert_allclose(r.l2, np.sqrt((delta.reshape(len(x), -1) ** 2).sum(1)), atol=1e-6)
+
+
+def test_success_after_rounding_is_rechecked(
+    classifier: SmallCNN, attacked: tuple[np.ndarray, np.ndarray, list[AttackResult]]
+) -> None:
+    _, y, results = attacked
+    for r in results:
+        pred = predict(classifier, r.adversarial)
+        assert np.array_equal(r.prediction, pred)
+        assert np.array_equal(r.success, pred != y), r.name
+
+
+def test_attacks_lower_accuracy(attacked: tuple[np.ndarray, np.ndarray, list[AttackResult]]) -> None:
+    """All images start correctly classified; every optimised attack must fool the classifier often."""
+    _, _, results = attacked
+    by_key = {(r.attack, r.epsilon): r for r in results}
+    for attack in ("fgsm", "pgd"):
+        assert by_key[(attack, 0.1)].success.mean() > 0.1, attack
+    strong: list[tuple[str, float | None]] = [("fgsm", 0.3), ("pgd", 0.3), ("deepfool", None), ("cw", None)]
+    for key in strong:
+        r = by_key[key]
+        assert r.success_before_rounding.mean() > 0.8, key
+        assert r.success.mean() > 0.5, key  # rounding may undo some boundary-hugging examples
+    assert by_key[("pgd", 0.3)].success.mean() >= by_key[("pgd", 0.1)].success.mean()
+    assert by_key[("pgd", 0.1)].success.mean() >= by_key[("fgsm", 0.1)].success.mean() - 0.05
+
+
+def test_no_rounding_keeps_floats(classifier: SmallCNN, digits: dict[str, np.ndarray]) -> None:
+    idx = select_correct(classifier, digits["xt"], digits["yt"], 16)
+    x, y = digits["xt"][idx], digits["yt"][idx]
+    (r,) = run_attacks(
+        classifier,
+        x,
+        y,
+        AttackConfig(attacks=("fgsm",), epsilons=(0.2,), round_to_8bit=False),
+        progress=False,
+    )
+    assert r.adversarial.dtype == np.float32
+    assert np.array_equal(r.adversarial, r.before_rounding)
+    assert np.array_equal(r.success, predict(classifier, r.adversarial) != y)
+
+
+def test_summary_and_figure(attacked: tuple[np.ndarray, np.ndarray, list[AttackResult]]) -> None:
+    x, y, results = attacked
+    summary = attack_summary(results)
+    assert len(summary) == len(results)
+    np.testing.assert_allclose(summary["success_after_rounding"], [r.success.mean() for r in results])
+    assert summary.loc[summary["attack"] == "cw", "epsilon"].isna().all()
+    fig = adversarial_figure(x, y, results, n=4)
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 4 * (1 + len(results))
