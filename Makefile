@@ -14,7 +14,8 @@ repro: install
 	$(BIN)/dvc repro
 
 test: install
-	$(BIN)/ruff check src pipeline tests
+	$(BIN)/ruff check src pipeline tests benchmarks
+	$(BIN)/ruff format --check src pipeline tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
@@ -36,7 +37,8 @@ data-package:
 	else echo "note: no apt-get; set data.root in params.yaml to a folder with the Fashion-MNIST IDX files"; fi
 
 lint: install
-	$(BIN)/ruff check src pipeline tests
+	$(BIN)/ruff check src pipeline tests benchmarks
+	$(BIN)/ruff format --check src pipeline tests benchmarks
 	$(BIN)/mypy
 
 clean-outputs:

@@ -38,33 +38,58 @@ def main() -> None:
     device = resolve_device("auto")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        splits, source = prepare(p.dataset, args.root or p.root, folder / "cache", val_fraction=p.val_fraction,
-                                 test_fraction=p.test_fraction, seed=p.seed,
-                                 max_sizes={"train": p.max_train, "val": p.max_val, "test": p.max_test})
+        splits, source = prepare(
+            p.dataset,
+            args.root or p.root,
+            folder / "cache",
+            val_fraction=p.val_fraction,
+            test_fraction=p.test_fraction,
+            seed=p.seed,
+            max_sizes={"train": p.max_train, "val": p.max_val, "test": p.max_test},
+        )
         arrays = {k: {"images": s.images, "labels": s.labels} for k, s in splits.items()}
         for name, a in binarize_splits(arrays, b.mode, b.threshold, b.seed).items():
             save_split(folder / f"{name}.npz", **a)
-        results: dict[str, object] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                                      "source": source, "minutes_per_model": args.minutes, "models": {}}
+        results: dict[str, object] = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "source": source,
+            "minutes_per_model": args.minutes,
+            "models": {},
+        }
         for name in args.models or params.train.models:
             entry = params.models[name]
-            tp = dataclasses.replace(params.train_params(name), max_minutes=args.minutes, progress=False,
-                                     max_train_images=args.epoch_images, patience=1000,
-                                     compile=params.train_params(name).compile and not args.no_compile)
+            tp = dataclasses.replace(
+                params.train_params(name),
+                max_minutes=args.minutes,
+                progress=False,
+                max_train_images=args.epoch_images,
+                patience=1000,
+                compile=params.train_params(name).compile and not args.no_compile,
+            )
             data = training_data(folder, entry.levels, b.mode, b.resample_train, b.seed + tp.seed, device)
             torch.manual_seed(tp.seed)
             model = build_model(entry.arch, data.image_shape, levels=entry.levels, **entry.hparams)
             t0 = time.perf_counter()
-            result = fit(model, data.train, data.val, tp, checkpoint_path=folder / f"{name}.pt", device=device)
+            result = fit(
+                model, data.train, data.val, tp, checkpoint_path=folder / f"{name}.pt", device=device
+            )
             test = evaluate_nll(model, data.test, tp.eval_batch_size, device).mean().item()
-            row = {"levels": entry.levels, "test_nll": test, "test_bpd": nats_to_bpd(test, model.num_dims),
-                   "epochs": len(result.history), "images_seen": len(result.history) * args.epoch_images,
-                   "train_images_per_second": result.train_images_per_second,
-                   "seconds": time.perf_counter() - t0,
-                   "parameters": sum(q.numel() for q in model.parameters())}
+            row = {
+                "levels": entry.levels,
+                "test_nll": test,
+                "test_bpd": nats_to_bpd(test, model.num_dims),
+                "epochs": len(result.history),
+                "images_seen": len(result.history) * args.epoch_images,
+                "train_images_per_second": result.train_images_per_second,
+                "seconds": time.perf_counter() - t0,
+                "parameters": sum(q.numel() for q in model.parameters()),
+            }
             results["models"][name] = row  # type: ignore[index]
-            print(f"{name:>20}: test {test:8.2f} nats {row['test_bpd']:.4f} bpd | "
-                  f"{row['train_images_per_second']:7.0f} img/s | {row['epochs']} x {args.epoch_images}", flush=True)
+            print(
+                f"{name:>20}: test {test:8.2f} nats {row['test_bpd']:.4f} bpd | "
+                f"{row['train_images_per_second']:7.0f} img/s | {row['epochs']} x {args.epoch_images}",
+                flush=True,
+            )
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -184,8 +184,13 @@ def test_gated_pixelcnn_minimum_layers_see_every_earlier_pixel(
     for layers, complete in [(need, True), (need - 1, False)]:
         if layers < 1:
             continue
-        hp = {"channels": 6, "layers": layers, "kernel_size": kernel_size,
-              "input_kernel_size": input_kernel_size, "head_channels": 8}
+        hp = {
+            "channels": 6,
+            "layers": layers,
+            "kernel_size": kernel_size,
+            "input_kernel_size": input_kernel_size,
+            "head_channels": 8,
+        }
         model = _build("gated_pixelcnn", hp, (1, 9, 9), 2)
         assert model.covers_all_pixels is complete  # type: ignore[attr-defined]
         missed = []

@@ -23,12 +23,24 @@ def tiny_params() -> dict[str, Any]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(dataset="digits", val_fraction=0.1, test_fraction=0.2)
     params["train"]["defaults"].update(epochs=2, batch_size=64, num_samples=16, progress=False)
-    params["train"]["models"] = ["fvsbn", "nade", "made"]
+    params["train"]["models"] = ["fvsbn", "nade", "made", "pixelcnn_8bit"]
     params["models"] = {
         "fvsbn": {"arch": "fvsbn", "train": {"lr": 0.01}},
         "nade": {"arch": "nade", "hparams": {"hidden": 16}},
         "made": {"arch": "made", "hparams": {"hidden": [32], "num_masks": 2, "natural_ordering": False}},
+        "pixelcnn_8bit": {
+            "arch": "pixelcnn",
+            "levels": 256,
+            "hparams": {"channels": 8, "blocks": 1, "head_channels": 8},
+            "train": {"num_samples": 4},
+        },
     }
+    params["classifier"].update(epochs=10, channels=[8, 16], hidden=32, lr=0.005, patience=10, progress=False)
+    params["attack"].update(
+        num_images=12, cw_steps=5, cw_binary_search_steps=2, deepfool_steps=10, pgd_steps=5, progress=False
+    )
+    params["score"].update(num_draws=2, num_test=30, num_val=30, num_train_ref=30, progress=False)
+    params["detect"].update(n_boot=50)
     return params
 
 
@@ -77,11 +89,11 @@ def mlflow_runs(env: dict[str, str]) -> Any:
 
 def test_outputs_and_metrics(repo: tuple[Path, dict[str, str], str]) -> None:
     work, env, _ = repo
-    for name in ("fvsbn", "nade", "made"):
+    for name in ("fvsbn", "nade", "made", "pixelcnn_8bit"):
         assert (work / "data/models" / name / "model.pt").is_file()
         assert (work / "data/models" / name / "samples.png").stat().st_size > 100
         metrics = json.loads((work / "data/metrics/train" / f"{name}.json").read_text())
-        assert 0.0 < metrics["test_bpd"] < 1.0
+        assert 0.0 < metrics["test_bpd"] < (8.0 if name.endswith("8bit") else 1.0)  # below uniform
         assert metrics["test_nll"] == pytest.approx(metrics["test_bpd"] * 64 * math.log(2))
         assert metrics["best_epoch"] >= 1
         history = (work / "data/plots/train" / f"{name}.csv").read_text().splitlines()
@@ -93,6 +105,36 @@ def test_outputs_and_metrics(repo: tuple[Path, dict[str, str], str]) -> None:
     assert info["dataset"] == "digits" and info["splits"]["test"]["n"] == 359
 
 
+def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
+    import pandas as pd
+
+    work, env, _ = repo
+    clf = json.loads((work / "data/metrics/classifier.json").read_text())
+    assert 0.5 < clf["test_accuracy"] <= 1.0
+    attack = json.loads((work / "data/metrics/attack.json").read_text())
+    assert {"fgsm_e8", "pgd_e25", "deepfool", "cw", "noise_e51"} <= set(attack)
+    assert attack["pgd_e51"]["success_after_rounding"] > attack["noise_e51"]["success_after_rounding"]
+    scores = pd.read_parquet(work / "data/scores/scores.parquet")
+    assert set(scores["model"]) == {"fvsbn", "nade", "made", "pixelcnn_8bit"}
+    assert set(scores["source"]) == {"train_ref", "val", "test", "adversarial"}
+    binary = scores[scores["model"] == "made"]
+    assert (binary["bpd_se"] > 0).any(), "dynamic binarisation reports a Monte-Carlo standard error"
+    assert (scores.loc[scores["model"] == "pixelcnn_8bit", "bpd_se"] == 0).all()
+    detection = json.loads((work / "data/metrics/detection.json").read_text())
+    row = detection["pixelcnn_8bit"]["pgd_e51"]
+    assert 0.0 <= row["ci_low"] <= row["auroc"] <= row["ci_high"] <= 1.0 and row["n_pos"] > 0
+    report = (work / "data/report/report.md").read_text()
+    for needle in ("Classifier accuracy", "pixelcnn_8bit", "roc.png", "bpd_histograms.png", "pvalues.png"):
+        assert needle in report
+    for fig in ("roc.png", "bpd_histograms.png", "pvalues.png"):
+        assert (work / "data/report" / fig).stat().st_size > 1000
+    roc = pd.read_csv(work / "data/plots/roc/pixelcnn_8bit.csv")
+    assert list(roc.columns) == ["fpr", "tpr", "curve", "point"] and roc["tpr"].between(0, 1).all()
+    html = run([str(BIN / "dvc"), "plots", "show", "--out", str(work / "plots-html")], work, env)
+    page = (work / "plots-html" / "index.html").read_text()
+    assert "data/plots/roc/pixelcnn_8bit.csv" in page and "pgd_e51" in page, html
+
+
 def test_mlflow_parent_and_children(repo: tuple[Path, dict[str, str], str]) -> None:
     _, env, _ = repo
     runs = mlflow_runs(env)
@@ -101,7 +143,18 @@ def test_mlflow_parent_and_children(repo: tuple[Path, dict[str, str], str]) -> N
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     names = sorted(r.data.tags["mlflow.runName"] for r in children)
-    assert names == ["binarize", "download", "train@fvsbn", "train@made", "train@nade"]
+    assert names == [
+        "attack",
+        "binarize",
+        "classifier",
+        "detect",
+        "download",
+        "score",
+        "train@fvsbn",
+        "train@made",
+        "train@nade",
+        "train@pixelcnn_8bit",
+    ]
     assert all(r.info.status == "FINISHED" for r in [parent, *children])
     assert parent.data.tags["git.commit"] != "unknown" and parent.data.tags["git.dirty"] == "false"
     assert "train/made/test_bpd" in parent.data.metrics
@@ -138,4 +191,9 @@ def test_experiment_reruns_only_the_changed_model(repo: tuple[Path, dict[str, st
     new = [r for r in mlflow_runs(env) if r.info.run_id not in before]
     parent = next(r for r in new if r.data.tags.get("ardetect.kind") == "pipeline")
     assert parent.data.tags.get("dvc.experiment") == "fast-fvsbn"
-    assert sorted(r.data.tags["mlflow.runName"] for r in new if r is not parent) == ["train@fvsbn"]
+    # fvsbn retrains; scoring and detection follow it; the other models and the attacks are untouched
+    assert sorted(r.data.tags["mlflow.runName"] for r in new if r is not parent) == [
+        "detect",
+        "score",
+        "train@fvsbn",
+    ]

@@ -32,7 +32,15 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,7 +52,19 @@ FIXED_EPSILON_ATTACKS = ("fgsm", "pgd", "noise")
 MINIMIZATION_ATTACKS = ("deepfool", "cw")
 ATTACKS = FIXED_EPSILON_ATTACKS + MINIMIZATION_ATTACKS
 
-Epsilon = Annotated[float, Field(gt=0.0, le=1.0)]
+
+def _fraction(value: Any) -> Any:
+    """Accept ε written as a fraction of the 8-bit scale, e.g. ``"8/255"``."""
+    if isinstance(value, str) and "/" in value:
+        num, den = value.split("/", 1)
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return value
+    return value
+
+
+Epsilon = Annotated[float, BeforeValidator(_fraction), Field(gt=0.0, le=1.0)]
 
 
 @config_dataclass
@@ -299,3 +319,11 @@ def adversarial_figure(
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
+
+
+def set_name(attack: str, epsilon: float | None) -> str:
+    """A file- and metric-safe name for one attack at one ε: ``pgd_e8`` (8/255), ``pgd_e0.3``, ``cw``."""
+    if epsilon is None or np.isnan(epsilon):
+        return attack
+    levels = epsilon * 255
+    return f"{attack}_e{round(levels)}" if abs(levels - round(levels)) < 1e-6 else f"{attack}_e{epsilon:g}"

@@ -24,3 +24,8 @@ def as_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [as_plain(v) for v in value]
     return value
+
+
+def narrow(config: Any, cls: type[T]) -> T:
+    """The ``cls`` part of a config that extends it (e.g. a params section adding ``device``)."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]

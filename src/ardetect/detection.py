@@ -177,7 +177,7 @@ def detection_groups(scores: pd.DataFrame) -> Iterator[DetectionGroup]:
         test = per_model[per_model["source"] == "test"].set_index("image_id")["bpd"]
         adv = per_model[per_model["source"] == "adversarial"]
         for (attack, eps), group in adv.groupby(["attack", "epsilon"], sort=False, dropna=False):
-            hits = group[group["success"].astype(bool)]
+            hits = group[group["success"].fillna(False).astype(bool)]
             orphans = sorted(set(hits["image_id"]) - set(test.index))
             if orphans:
                 raise ValueError(

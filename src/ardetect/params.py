@@ -27,13 +27,19 @@ from pydantic import (
     ValidationError,
 )
 
+from ardetect.attacks import AttackConfig
+from ardetect.classifier import ClassifierConfig
 from ardetect.configs import config_dataclass
+from ardetect.scoring import ScoreConfig
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class ParamsError(ValueError):
     """params.yaml has unknown keys, wrong types or out-of-range values (all listed in the message)."""
+
+
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @config_dataclass
@@ -69,7 +75,7 @@ class TrainParams:
     max_train_images: PositiveInt | None = None
     max_minutes: PositiveFloat | None = None
     seed: NonNegativeInt = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     amp: bool = True
     compile: bool = False
     num_samples: PositiveInt = 64
@@ -91,6 +97,37 @@ class TrainSection:
 
 
 @config_dataclass
+class ClassifierParams(ClassifierConfig):
+    device: Device = "auto"
+    progress: bool = True
+
+
+@config_dataclass
+class AttackParams(AttackConfig):
+    num_images: PositiveInt = 200  # the first N test images the classifier gets right
+    device: Device = "auto"
+    progress: bool = True
+
+
+@config_dataclass
+class ScoreParams(ScoreConfig):
+    num_test: PositiveInt = 500  # first N clean test images (plus every attacked original)
+    num_val: PositiveInt = 500  # clean validation images: they fix the detection threshold
+    num_train_ref: PositiveInt = 500  # training images: the reference distribution for p-values
+    device: Device = "auto"
+    progress: bool = True
+
+
+@config_dataclass
+class DetectParams:
+    fpr: Fraction = 0.05  # target false-positive rate on clean validation images
+    alpha: Fraction = 0.05  # p-value level (PixelDefend)
+    n_boot: PositiveInt = 1000  # bootstrap resamples for the AUROC interval
+    level: Fraction = 0.95
+    seed: NonNegativeInt = 0
+
+
+@config_dataclass
 class TrackingParams:
     uri: str | None = None
     experiment: str = "ardetect"
@@ -103,6 +140,10 @@ class Params:
     binarize: BinarizeParams = dataclasses.field(default_factory=BinarizeParams)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     models: dict[str, ModelEntry] = dataclasses.field(default_factory=dict)
+    classifier: ClassifierParams = dataclasses.field(default_factory=ClassifierParams)
+    attack: AttackParams = dataclasses.field(default_factory=AttackParams)
+    score: ScoreParams = dataclasses.field(default_factory=ScoreParams)
+    detect: DetectParams = dataclasses.field(default_factory=DetectParams)
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
     def train_params(self, model: str) -> TrainParams:

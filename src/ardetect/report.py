@@ -119,7 +119,7 @@ def pvalue_histogram_figure(scores: pd.DataFrame, bins: int = 20) -> Figure:
             color="black",
             label="clean test",
         )
-        adv = rows[(rows["source"] == "adversarial") & rows["success"].astype(bool)]
+        adv = rows[(rows["source"] == "adversarial") & rows["success"].fillna(False).astype(bool)]
         for (attack, eps), group in adv.groupby(["attack", "epsilon"], sort=False, dropna=False):
             ax.hist(
                 group["pvalue"],

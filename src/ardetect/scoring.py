@@ -15,10 +15,13 @@ meets the model depends on the model's levels:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from typing import Annotated, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor
@@ -90,7 +93,8 @@ def score_bpd(
     """BPD of each image and its standard error, two float64 arrays of shape (N,).
 
     ``gray``: uint8 gray levels (N, C, H, W), or floats in [0, 1]; ``binarization`` as in the module
-    docstring (``threshold`` is the static binarisation's, as in training). ``config.batch_size`` model rows (images × draws for dynamic) go through the model at once.
+    docstring (``threshold`` is the static binarisation's, as in training). ``config.batch_size`` model
+    rows (images × draws for dynamic) go through the model at once.
     """
     if model.levels == 2 and binarization not in ("static", "dynamic"):
         raise ValueError(
@@ -128,3 +132,63 @@ def score_bpd(
 def _row_seed(seed: int, row: int) -> int:
     """A distinct 63-bit seed per (seed, row) pair."""
     return (seed * 1_000_003 + row) % (2**63 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    """Images to score, with the columns of the score table that describe them (one value per image)."""
+
+    source: str  # train_ref | val | test | adversarial
+    images: np.ndarray  # (N, C, H, W) uint8
+    image_id: np.ndarray  # (N,) index into the clean split (adversarial: the attacked test image)
+    label: np.ndarray
+    prediction: np.ndarray
+    attack: str | None = None
+    epsilon: float | None = None
+    success: np.ndarray | None = None
+
+
+def score_table(
+    models: dict[str, tuple[ARModel, Binarization]],
+    sets: list[ImageSet],
+    config: ScoreConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    threshold: float = 0.5,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The tidy score table (one row per model × image) and each model's scoring images/second."""
+    frames, speed = [], {}
+    for name, (model, _) in models.items():
+        for s in sets:  # shape errors before any scoring work
+            if tuple(s.images.shape[1:]) != model.image_shape:
+                raise ValueError(
+                    f"model {name!r} was trained on images of shape {model.image_shape}, but the "
+                    f"{s.source} set {s.attack or ''} has shape {tuple(s.images.shape[1:])}"
+                )
+    for name, (model, binarization) in models.items():
+        start, count = time.perf_counter(), 0
+        for s in tqdm(sets, desc=f"score {name}", disable=not progress):
+            bpd, se = score_bpd(
+                model, s.images, binarization, config, device, progress=False, threshold=threshold
+            )
+            count += len(bpd)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "image_id": s.image_id.astype(np.int64),
+                        "source": s.source,
+                        "attack": s.attack,
+                        "epsilon": np.nan if s.epsilon is None else float(s.epsilon),
+                        "model": name,
+                        "bpd": bpd,
+                        "bpd_se": se,
+                        "label": s.label.astype(np.int64),
+                        "prediction": s.prediction.astype(np.int64),
+                        "success": pd.array(s.success, dtype="boolean")
+                        if s.success is not None
+                        else pd.array([pd.NA] * len(bpd), dtype="boolean"),
+                    }
+                )
+            )
+        speed[name] = count / max(time.perf_counter() - start, 1e-9)
+    return pd.concat(frames, ignore_index=True), speed

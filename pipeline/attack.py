@@ -1,0 +1,91 @@
+"""DVC stage `attack`: Foolbox attacks on the first N correctly classified test images.
+
+One .npz per attack and ε under data/attacks/ (adversarial uint8 images, source test index, success
+before/after 8-bit rounding, predicted label, perturbation norms), a summary table, and a figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from ardetect.attacks import adversarial_figure, attack_summary, run_attacks, select_correct, set_name
+from ardetect.classifier import load_classifier
+from ardetect.data import load_split
+from ardetect.io import staged_outputs, write_json
+from ardetect.params import load_params
+from ardetect.report import save_figure
+from ardetect.tracking import stage_run
+from ardetect.training import resolve_device
+
+DATA = Path("data/dataset")
+CLASSIFIER = Path("data/classifier/model.pt")
+OUTS = Path("data/attacks"), Path("data/metrics/attack.json")
+
+
+def main() -> None:
+    params = load_params()
+    p = params.attack
+    device = resolve_device(p.device)
+    test = load_split(DATA / "test.npz")
+    if p.num_images > len(test["labels"]):
+        raise ValueError(
+            f"attack.num_images = {p.num_images} exceeds the {len(test['labels'])} test images; "
+            "lower it in params.yaml"
+        )
+    model = load_classifier(CLASSIFIER, device)
+    with stage_run("attack", params.tracking, params=dataclasses.asdict(p), inputs=[DATA, CLASSIFIER]) as run:
+        index = select_correct(model, test["images"], test["labels"], p.num_images, param="attack.num_images")
+        images, labels = test["images"][index], test["labels"][index]
+        results = run_attacks(model, images, labels, p, device=device, progress=p.progress)
+        summary = attack_summary(results)
+        summary.insert(0, "set", [set_name(r.attack, r.epsilon) for r in results])
+        metrics = {
+            row["set"]: {
+                k: float(row[k])
+                for k in (
+                    "success_before_rounding",
+                    "success_after_rounding",
+                    "mean_linf",
+                    "mean_l2",
+                    "seconds_per_image",
+                )
+            }
+            for _, row in summary.iterrows()
+        }
+        with staged_outputs(*OUTS) as (out, metrics_path):
+            out.mkdir()
+            for r in results:
+                np.savez(
+                    out / f"{set_name(r.attack, r.epsilon)}.npz",
+                    adversarial=r.adversarial,
+                    source_index=index,
+                    label=labels,
+                    success=r.success,
+                    success_before_rounding=r.success_before_rounding,
+                    prediction=r.prediction,
+                    linf=r.linf,
+                    l2=r.l2,
+                    epsilon=np.nan if r.epsilon is None else r.epsilon,
+                    attack=r.attack,
+                )
+            summary.to_csv(out / "summary.csv", index=False)
+            save_figure(adversarial_figure(images, labels, results), out / "examples.png")
+            for _, row in summary.iterrows():
+                run.log_headline(
+                    {
+                        "success_after_rounding": row["success_after_rounding"],
+                        "success_before_rounding": row["success_before_rounding"],
+                    },
+                    prefix=f"attack/{row['set']}",
+                )
+            run.log_artifact(out / "examples.png")
+            run.log_artifact(out / "summary.csv")
+            write_json(metrics_path, metrics)
+        print(summary.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

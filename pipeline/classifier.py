@@ -1,0 +1,55 @@
+"""DVC stage `classifier`: a CNN on the gray-level training images, early-stopped on validation accuracy."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from ardetect.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
+from ardetect.configs import narrow
+from ardetect.data import load_split
+from ardetect.io import staged_outputs, write_json
+from ardetect.params import load_params
+from ardetect.tracking import stage_run
+from ardetect.training import resolve_device
+
+DATA = Path("data/dataset")
+OUTS = Path("data/classifier"), Path("data/metrics/classifier.json"), Path("data/plots/classifier.csv")
+
+
+def main() -> None:
+    params = load_params()
+    p = params.classifier
+    device = resolve_device(p.device)
+    train, val, test = (load_split(DATA / f"{s}.npz") for s in ("train", "val", "test"))
+    with stage_run("classifier", params.tracking, params=dataclasses.asdict(p), inputs=[DATA]) as run:
+        model, history = train_classifier(
+            train["images"],
+            train["labels"],
+            val["images"],
+            val["labels"],
+            narrow(p, ClassifierConfig),
+            device=device,
+            on_epoch=lambda r: run.log_metrics(r, step=int(r["epoch"])),
+            progress=p.progress,
+        )
+        metrics = {
+            "test_accuracy": accuracy(model, test["images"], test["labels"]),
+            "val_accuracy": max(h["val_accuracy"] for h in history),
+            "epochs_run": len(history),
+        }
+        with staged_outputs(*OUTS) as (model_dir, metrics_path, plot_path):
+            model_dir.mkdir()
+            save_classifier(model, model_dir / "model.pt", metrics=metrics)
+            pd.DataFrame(history).to_csv(plot_path, index=False)
+            run.log_headline(metrics, prefix="classifier")
+            if params.tracking.log_models:
+                run.log_torch_model(model.cpu())
+            write_json(metrics_path, metrics)
+        print(f"classifier: test accuracy {metrics['test_accuracy']:.2%} on {len(test['labels'])} images")
+
+
+if __name__ == "__main__":
+    main()

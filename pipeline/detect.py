@@ -1,0 +1,108 @@
+"""DVC stage `detect`: how well BPD separates successful adversarial images from their clean originals.
+
+Positive = adversarial (successful after 8-bit rounding), negative = its clean original, score = BPD
+(higher is more suspicious). Per model × attack × ε: ROC and AUROC with a bootstrap interval, TPR at
+the threshold that gives the target FPR on clean validation images, PixelDefend p-value detection rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ardetect.attacks import set_name
+from ardetect.detection import detection_groups, detection_table, roc
+from ardetect.io import staged_outputs, write_json
+from ardetect.params import load_params
+from ardetect.report import (
+    bpd_histogram_figure,
+    pvalue_histogram_figure,
+    roc_figure,
+    save_figure,
+    write_report,
+)
+from ardetect.tracking import stage_run
+
+SCORES = Path("data/scores/scores.parquet")
+ATTACK_SUMMARY = Path("data/attacks/summary.csv")
+CLASSIFIER_METRICS = Path("data/metrics/classifier.json")
+OUTS = Path("data/report"), Path("data/metrics/detection.json"), Path("data/plots/roc")
+
+
+def main() -> None:
+    params = load_params()
+    p = params.detect
+    scores = pd.read_parquet(SCORES)
+    with stage_run("detect", params.tracking, params=dataclasses.asdict(p), inputs=[SCORES]) as run:
+        table = detection_table(scores, fpr=p.fpr, alpha=p.alpha, n_boot=p.n_boot, seed=p.seed, level=p.level)
+        tpr_col = next(c for c in table.columns if c.startswith("tpr_at_"))
+        table.insert(2, "set", [set_name(a, e) for a, e in zip(table["attack"], table["epsilon"])])
+        metrics: dict[str, dict[str, dict[str, float]]] = {}
+        for _, row in table.iterrows():
+            cols = ("auroc", "ci_low", "ci_high", tpr_col, "pvalue_detection_rate", "n_pos")
+            metrics.setdefault(row["model"], {})[row["set"]] = {c: float(row[c]) for c in cols}
+        classifier = json.loads(CLASSIFIER_METRICS.read_text())
+        with staged_outputs(*OUTS) as (report_dir, metrics_path, roc_dir):
+            report_dir.mkdir()
+            roc_dir.mkdir()
+            curves: dict[str, list[pd.DataFrame]] = {}
+            for g in detection_groups(scores):
+                if len(g.pos):
+                    c = roc(g.neg, g.pos)
+                    curves.setdefault(g.model, []).append(
+                        pd.DataFrame(
+                            {
+                                "fpr": c.fpr,
+                                "tpr": c.tpr,
+                                "curve": set_name(g.attack, g.epsilon),
+                                "point": np.arange(len(c.fpr)),
+                            }
+                        )
+                    )
+            for model, frames in curves.items():
+                pd.concat(frames).to_csv(roc_dir / f"{model}.csv", index=False)
+            figures = {
+                "ROC curves (successful adversarials vs their clean originals)": save_figure(
+                    roc_figure(scores), report_dir / "roc.png"
+                ),
+                "BPD of clean originals and adversarial images": save_figure(
+                    bpd_histogram_figure(scores), report_dir / "bpd_histograms.png"
+                ),
+                "PixelDefend p-values": save_figure(
+                    pvalue_histogram_figure(scores), report_dir / "pvalues.png"
+                ),
+            }
+            table.to_csv(report_dir / "detection.csv", index=False)
+            write_report(
+                report_dir / "report.md",
+                classifier=pd.DataFrame([{"metric": k, "value": v} for k, v in classifier.items()]),
+                attacks=pd.read_csv(ATTACK_SUMMARY) if ATTACK_SUMMARY.is_file() else None,
+                detection=table,
+                figures=figures,
+                notes=(
+                    f"Dataset `{params.data.dataset}`, binarisation `{params.binarize.mode}`. Positive = "
+                    "adversarial image that still fools the classifier after rounding to 8 bits; negative = "
+                    "its clean original; score = BPD (higher = more suspicious). Threshold at "
+                    f"{p.fpr:.0%} FPR on clean validation images; p-values against "
+                    f"{params.score.num_train_ref} training images per model."
+                ),
+            )
+            for model, sets in metrics.items():
+                for name, m in sets.items():
+                    if np.isfinite(m["auroc"]):
+                        run.log_headline(
+                            {"auroc": m["auroc"], "tpr_at_fpr": m[tpr_col]}, prefix=f"detect/{model}/{name}"
+                        )
+            for f in report_dir.iterdir():
+                run.log_artifact(f, "report")
+            write_json(metrics_path, metrics)
+        summary = table.pivot_table(index="model", columns="set", values="auroc")
+        print(summary.round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()

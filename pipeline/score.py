@@ -1,0 +1,111 @@
+"""DVC stage `score`: BPD of clean and adversarial images under every trained density model.
+
+Binary models score gray images by their training data's binarisation (static: the thresholded image;
+dynamic: the expected BPD over seeded Bernoulli draws, with its Monte-Carlo standard error); 8-bit
+models score the (8-bit rounded) image exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from ardetect.classifier import load_classifier, predict
+from ardetect.data import load_split
+from ardetect.io import staged_outputs, write_json
+from ardetect.models import load_model
+from ardetect.params import load_params
+from ardetect.scoring import ImageSet, score_table
+from ardetect.tracking import stage_run
+from ardetect.training import resolve_device
+
+DATA, ATTACKS, MODELS = Path("data/dataset"), Path("data/attacks"), Path("data/models")
+CLASSIFIER = Path("data/classifier/model.pt")
+OUTS = Path("data/scores"), Path("data/metrics/score.json")
+
+
+def clean_set(source: str, split: dict[str, np.ndarray], index: np.ndarray, clf: object) -> ImageSet:
+    images = split["images"][index]
+    return ImageSet(source, images, index, split["labels"][index], predict(clf, images))  # type: ignore[arg-type]
+
+
+def main() -> None:
+    params = load_params()
+    p = params.score
+    device = resolve_device(p.device)
+    missing = [n for n in params.train.models if not (MODELS / n / "model.pt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no trained checkpoint for {missing} under {MODELS}; run `dvc repro` first")
+    splits = {s: load_split(DATA / f"{s}.npz") for s in ("train", "val", "test")}
+    clf = load_classifier(CLASSIFIER, device)
+    adv_files = sorted(f for f in ATTACKS.glob("*.npz"))
+    attacked: np.ndarray = (
+        np.unique(np.concatenate([np.load(f)["source_index"] for f in adv_files]))
+        if adv_files
+        else np.zeros(0, np.int64)
+    )
+    rng = np.random.default_rng(p.seed)
+    n_train, n_val, n_test = (len(splits[s]["labels"]) for s in ("train", "val", "test"))
+    sets = [
+        clean_set(
+            "train_ref",
+            splits["train"],
+            np.sort(rng.choice(n_train, min(p.num_train_ref, n_train), replace=False)),
+            clf,
+        ),
+        clean_set("val", splits["val"], np.arange(min(p.num_val, n_val)), clf),
+        clean_set(
+            "test",
+            splits["test"],
+            np.union1d(np.arange(min(p.num_test, n_test)), attacked).astype(np.int64),
+            clf,
+        ),
+    ]
+    for f in adv_files:
+        with np.load(f) as a:
+            sets.append(
+                ImageSet(
+                    "adversarial",
+                    a["adversarial"],
+                    a["source_index"],
+                    a["label"],
+                    a["prediction"],
+                    str(a["attack"]),
+                    float(a["epsilon"]) if np.isfinite(a["epsilon"]) else None,
+                    a["success"],
+                )
+            )
+    models = {}
+    for name in params.train.models:
+        model = load_model(MODELS / name / "model.pt")
+        models[name] = (model, params.binarize.mode if model.levels == 2 else None)
+    with stage_run(
+        "score", params.tracking, params=dataclasses.asdict(p), inputs=[DATA, ATTACKS, MODELS]
+    ) as run:
+        table, speed = score_table(
+            models, sets, p, device, progress=p.progress, threshold=params.binarize.threshold
+        )
+        metrics = {
+            name: {
+                "images_per_second": speed[name],
+                "test_bpd_mean": float(table.query("model == @name and source == 'test'")["bpd"].mean()),
+                "max_bpd_se": float(table.query("model == @name")["bpd_se"].max()),
+            }
+            for name in models
+        }
+        with staged_outputs(*OUTS) as (out, metrics_path):
+            out.mkdir()
+            table.to_parquet(out / "scores.parquet", index=False)
+            for name, m in metrics.items():
+                run.log_headline(m, prefix=f"score/{name}")
+            write_json(metrics_path, metrics)
+        print(
+            f"scored {len(table)} (model, image) pairs: "
+            + ", ".join(f"{n} {s:.0f} img/s" for n, s in speed.items())
+        )
+
+
+if __name__ == "__main__":
+    main()
