@@ -158,6 +158,7 @@ def test_one_result_per_attack_and_epsilon(
         ("noise", 0.3),
         ("deepfool", None),
         ("cw", None),
+        ("cw_conf", None),
     ]
     assert {r.attack for r in results} == set(ATTACKS)
 
@@ -203,12 +204,22 @@ def test_attacks_lower_accuracy(attacked: tuple[np.ndarray, np.ndarray, list[Att
     by_key = {(r.attack, r.epsilon): r for r in results}
     for attack in ("fgsm", "pgd"):
         assert by_key[(attack, 0.1)].success.mean() > 0.1, attack
-    strong: list[tuple[str, float | None]] = [("fgsm", 0.3), ("pgd", 0.3), ("deepfool", None), ("cw", None)]
+    strong: list[tuple[str, float | None]] = [
+        ("fgsm", 0.3),
+        ("pgd", 0.3),
+        ("deepfool", None),
+        ("cw", None),
+        ("cw_conf", None),
+    ]
     for key in strong:
         r = by_key[key]
         assert r.success_before_rounding.mean() > 0.8, key
         assert r.success.mean() > 0.5, key  # rounding may undo some boundary-hugging examples
     assert by_key[("pgd", 0.3)].success.mean() >= by_key[("pgd", 0.1)].success.mean()
+    # a logit margin buys robustness to 8-bit rounding, paid for with a larger perturbation
+    cw, cw_conf = by_key[("cw", None)], by_key[("cw_conf", None)]
+    assert cw_conf.success.mean() >= cw.success.mean()
+    assert cw_conf.l2_before_rounding.mean() > cw.l2_before_rounding.mean()
     assert by_key[("pgd", 0.1)].success.mean() >= by_key[("fgsm", 0.1)].success.mean() - 0.05
 
 

@@ -49,7 +49,7 @@ from ardetect.configs import config_dataclass
 from ardetect.report import format_epsilon
 
 FIXED_EPSILON_ATTACKS = ("fgsm", "pgd", "noise")
-MINIMIZATION_ATTACKS = ("deepfool", "cw")
+MINIMIZATION_ATTACKS = ("deepfool", "cw", "cw_conf")  # cw_conf: Carlini-Wagner at cw_high_confidence
 ATTACKS = FIXED_EPSILON_ATTACKS + MINIMIZATION_ATTACKS
 
 
@@ -81,6 +81,7 @@ class AttackConfig:
     cw_steps: PositiveInt = 50
     cw_binary_search_steps: PositiveInt = 4
     cw_confidence: NonNegativeFloat = 0.0
+    cw_high_confidence: NonNegativeFloat = 5.0  # the `cw_conf` attack: a logit margin that survives rounding
     cw_stepsize: PositiveFloat = 0.02
     cw_initial_const: PositiveFloat = 1e-2
     round_to_8bit: bool = True
@@ -152,12 +153,12 @@ def build_attack(name: str, config: AttackConfig) -> fb.Attack:
     if name == "deepfool":
         cls = fb.attacks.L2DeepFoolAttack if config.deepfool_norm == "l2" else fb.attacks.LinfDeepFoolAttack
         return cls(steps=config.deepfool_steps, overshoot=config.deepfool_overshoot)
-    if name == "cw":
+    if name in ("cw", "cw_conf"):
         return fb.attacks.L2CarliniWagnerAttack(
             binary_search_steps=config.cw_binary_search_steps,
             steps=config.cw_steps,
             stepsize=config.cw_stepsize,
-            confidence=config.cw_confidence,
+            confidence=config.cw_confidence if name == "cw" else config.cw_high_confidence,
             initial_const=config.cw_initial_const,
         )
     raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
