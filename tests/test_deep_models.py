@@ -7,7 +7,6 @@ the likelihood contract, checkpoints, and a short training run.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from functools import partial
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import all_images, assert_samples_follow_the_model
 
 from ardetect.models import ARModel, build_model, load_model, save_model
 from ardetect.models.gated_pixelcnn import min_layers
@@ -40,12 +40,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def all_images(shape: tuple[int, int, int], levels: int) -> torch.Tensor:
-    """Every image of this shape, as a (levels**D, C, H, W) batch."""
-    grid = torch.tensor(list(itertools.product(range(levels), repeat=math.prod(shape))), dtype=torch.float32)
-    return grid.view(-1, *shape)
 
 
 def _randomize(model: torch.nn.Module, gain: float = 1.0) -> None:
@@ -254,14 +248,7 @@ def test_samples_are_levels(name: str, hp: dict[str, Any], levels: int) -> None:
 
 @pytest.mark.parametrize(("name", "hp"), DEEP_CASES, ids=NAMES)
 def test_sampling_follows_the_model(name: str, hp: dict[str, Any]) -> None:
-    """Empirical frequencies of 20000 samples of 1x2 binary images match their exact probabilities."""
-    model = _build(name, hp, (1, 1, 2), 2)
-    s = model.sample(20000, generator=torch.Generator().manual_seed(0)).flatten(1)
-    imgs = all_images((1, 1, 2), 2)
-    with torch.no_grad():
-        p = model.log_prob(imgs).exp()
-    freq = torch.stack([(s == img.flatten()).all(1).float().mean() for img in imgs])
-    torch.testing.assert_close(freq, p, atol=0.015, rtol=0)
+    assert_samples_follow_the_model(_build(name, hp, (1, 1, 2), 2))
 
 
 @pytest.mark.parametrize(("name", "hp"), DEEP_CASES, ids=NAMES)

@@ -79,6 +79,13 @@ class ARModel(nn.Module):
                 f"got a batch of shape {tuple(x.shape)}"
             )
 
+    def sequence_logits(self, out: Tensor) -> Tensor:
+        """Per-position outputs (B, D, 1 or levels) in raster order, in the ``forward`` logits layout."""
+        b = out.shape[0]
+        if self.levels == 2:
+            return out.reshape(b, *self.image_shape)  # (B, C, H, W)
+        return out.transpose(1, 2).reshape(b, self.levels, *self.image_shape)  # (B, levels, C, H, W)
+
     def log_prob_from_logits(self, logits: Tensor, x: Tensor) -> Tensor:
         """Exact log-likelihood in nats, shape (B,), from the conditionals ``logits``."""
         if self.levels == 2:

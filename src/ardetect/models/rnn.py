@@ -50,13 +50,6 @@ class RasterLSTM(ARModel):
             return (self.start + self.pos[t]).expand(n, 1, -1)
         return self.value(self.scale_input(prev)[:, None, None]) + self.pos[t]  # (n, 1, E)
 
-    def to_logits(self, out: Tensor, x_shape: Sequence[int]) -> Tensor:
-        """Head outputs (B, D, 1 or levels) in the base-class layout."""
-        b = out.shape[0]
-        if self.levels == 2:
-            return out.reshape(b, *x_shape[1:])  # (B, C, H, W)
-        return out.transpose(1, 2).reshape(b, self.levels, *x_shape[1:])  # (B, levels, C, H, W)
-
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
         v = self.value(self.scale_input(x).reshape(b, -1, 1))  # (B, D, E)
@@ -67,7 +60,7 @@ class RasterLSTM(ARModel):
                 out, _ = self.lstm(seq)  # (B, D, hidden)
         else:
             out, _ = self.lstm(seq)  # (B, D, hidden)
-        return self.to_logits(self.head(out), x.shape)
+        return self.sequence_logits(self.head(out))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

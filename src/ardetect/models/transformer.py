@@ -88,20 +88,13 @@ class PixelTransformer(ARModel):
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1 if levels == 2 else levels)
 
-    def to_logits(self, out: Tensor, x_shape: Sequence[int]) -> Tensor:
-        """Head outputs (B, D, 1 or levels) in the base-class layout."""
-        b = out.shape[0]
-        if self.levels == 2:
-            return out.reshape(b, *x_shape[1:])  # (B, C, H, W)
-        return out.transpose(1, 2).reshape(b, self.levels, *x_shape[1:])  # (B, levels, C, H, W)
-
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
         v = self.value(self.scale_input(x).reshape(b, -1, 1))  # (B, D, d)
         h = self.drop(torch.cat([self.start.expand(b, 1, -1), v[:, :-1]], 1) + self.pos)  # (B, D, d)
         for block in self.blocks:
             h = block(h)  # (B, D, d)
-        return self.to_logits(self.head(self.ln_f(h)), x.shape)
+        return self.sequence_logits(self.head(self.ln_f(h)))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
