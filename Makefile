@@ -10,8 +10,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: repro test install data-package lint clean-outputs
 
+# Stages run `python pipeline/<stage>.py`: the venv's bin goes first on PATH, as `source .venv/bin/activate` does.
 repro: install
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: install
 	$(BIN)/ruff check src pipeline tests benchmarks
