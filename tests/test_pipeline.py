@@ -50,9 +50,8 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
-    work = tmp_path_factory.mktemp("repo")
+def snapshot_repo(work: Path, params: dict[str, Any], tracking_uri: str) -> dict[str, str]:
+    """A committed copy of the project in ``work`` with ``params``; the env that runs its stages."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -65,17 +64,24 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
         if src.is_file() and not rel.startswith(("tests/", "dvc.lock")):
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / rel)
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'store.db'}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
     }
     env.pop("ARDETECT_PIPELINE_ID", None)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run([*git, "init", "-q"], work, env)
     run([*git, "add", "-A"], work, env)
     run([*git, "commit", "-qm", "snapshot"], work, env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
+    work = tmp_path_factory.mktemp("repo")
+    env = snapshot_repo(work, tiny_params(), f"sqlite:///{work / 'store.db'}")
     out = run([str(BIN / "dvc"), "repro"], work, env)
     return work, env, out
 
