@@ -15,7 +15,7 @@ import numpy as np
 from ardetect.classifier import load_classifier, predict
 from ardetect.data import load_split
 from ardetect.io import staged_outputs, write_json
-from ardetect.models import load_model
+from ardetect.models import load_model, trained_model_paths
 from ardetect.params import load_params
 from ardetect.scoring import ImageSet, score_table
 from ardetect.tracking import stage_run
@@ -35,9 +35,7 @@ def main() -> None:
     params = load_params()
     p = params.score
     device = resolve_device(p.device)
-    missing = [n for n in params.train.models if not (MODELS / n / "model.pt").is_file()]
-    if missing:
-        raise FileNotFoundError(f"no trained checkpoint for {missing} under {MODELS}; run `dvc repro` first")
+    model_paths = trained_model_paths(MODELS, params.train.models)  # fails first, naming what is missing
     splits = {s: load_split(DATA / f"{s}.npz") for s in ("train", "val", "test")}
     clf = load_classifier(CLASSIFIER, device)
     adv_files = sorted(f for f in ATTACKS.glob("*.npz"))
@@ -79,7 +77,7 @@ def main() -> None:
             )
     models = {}
     for name in params.train.models:
-        model = load_model(MODELS / name / "model.pt")
+        model = load_model(model_paths[name])
         models[name] = (model, params.binarize.mode if model.levels == 2 else None)
     with stage_run(
         "score", params.tracking, params=dataclasses.asdict(p), inputs=[DATA, ATTACKS, MODELS]

@@ -44,16 +44,27 @@ def main(name: str) -> None:
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
     }
+    ckpt_dir = Path("checkpoints") / name
+    resume_path = ckpt_dir / "last.pt"  # the state after the last finished epoch: a killed run resumes
+
     with stage_run(f"train@{name}", params.tracking, params=logged, inputs=[DATA]) as run:
+
+        def resumed(history: list[dict[str, float]]) -> None:
+            print(f"{name}: resuming from {resume_path} after epoch {len(history)}", flush=True)
+            for r in history:  # this is a new MLflow run: give it the whole learning curve
+                run.log_metrics(r, step=int(r["epoch"]))
+
         result = fit(
             model,
             data.train,
             data.val,
             tp,
-            checkpoint_path=Path("checkpoints") / name / "best.pt",
+            checkpoint_path=ckpt_dir / "best.pt",
             device=device,
             on_epoch=lambda r: run.log_metrics(r, step=int(r["epoch"])),
             checkpoint_extra={"name": name},
+            resume_path=resume_path,
+            on_resume=resumed,
         )
         test_nll = evaluate_nll(model, data.test, tp.eval_batch_size, device).mean().item()
         metrics = {
@@ -79,6 +90,9 @@ def main(name: str) -> None:
             if params.tracking.log_models:
                 run.log_torch_model(model.cpu())
             write_json(metrics_path, metrics)
+        # Published: a rerun must train afresh (e.g. `dvc repro -f`), not return this run's result.
+        # Until here a finished last.pt lets a stage killed after training skip straight to publishing.
+        resume_path.unlink(missing_ok=True)
         print(
             f"{name}: test NLL {test_nll:.2f} nats, {metrics['test_bpd']:.4f} bpd "
             f"(best epoch {result.best_epoch}, {result.train_images_per_second:.0f} img/s)"

@@ -5,7 +5,9 @@ stage (found by walking up the process tree), so every stage that one command ru
 and the MLflow UI compares pipeline executions side by side. ``ARDETECT_PIPELINE_ID`` overrides it.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri`` in params.yaml, else a SQLite
-store ``mlflow.db`` in the repository root with artifacts in ``mlartifacts/``.
+store ``mlflow.db`` in the repository root with artifacts in ``mlartifacts/``. A tracking *server*
+(an http(s) URI) is checked before the stage does any work: when it does not answer, the stage fails
+within seconds with ``TrackingUnavailableError``; it never falls back to another store.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+import urllib.parse
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +33,60 @@ log = logging.getLogger(__name__)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from an offline pipeline
 
+
+def bound_mlflow_http_retries(environ: MutableMapping[str, str] = os.environ) -> None:
+    """MLflow retries a failing request 7 times with exponential backoff (about 4 minutes), each with a
+    120 s timeout: minutes of silence when a server goes away mid-stage. Bound that (3 retries, about
+    15 s; 60 s timeout) unless the user set their own values."""
+    environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+
+bound_mlflow_http_retries()
+
 PIPELINE_TAG = "ardetect.pipeline_id"
 ENV_PIPELINE_ID = "ARDETECT_PIPELINE_ID"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server does not answer; the stage stops before doing any work."""
+
+
+def check_tracking_server(uri: str, *, source: str = "MLFLOW_TRACKING_URI", timeout: float = 5.0) -> None:
+    """Raise ``TrackingUnavailableError`` unless the http(s) tracking server ``uri`` answers ``/health``
+    within ``timeout`` seconds (other URIs, e.g. ``sqlite:``, are local and not checked).
+
+    Any HTTP answer below 500 counts as reachable (an auth proxy may refuse /health; MLflow's own
+    errors are then clear enough); a refused or timed-out connection or a 5xx answer does not.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    verify: bool | str = True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        verify = False
+    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, verify=verify)
+    except requests.Timeout:
+        reason = f"no answer within {timeout:g} s"
+    except requests.RequestException as err:
+        errno = re.search(r"\[Errno -?\d+\][^'\")]*", str(err))
+        reason = errno.group(0).strip() if errno else f"{type(err).__name__}: {err}"
+    else:
+        if response.status_code < 500:
+            return
+        reason = f"GET /health answered HTTP {response.status_code}"
+    unset = "unset MLFLOW_TRACKING_URI" if source == "MLFLOW_TRACKING_URI" else "set tracking.uri: null"
+    where = urllib.parse.urlsplit(uri)
+    raise TrackingUnavailableError(
+        f"the MLflow tracking server {uri} (from {source}) is unreachable: {reason}. The stage stopped "
+        f"before running. Start the server (e.g. `mlflow server --host {where.hostname or '127.0.0.1'} "
+        f"--port {where.port or 5000} --backend-store-uri sqlite:///mlflow.db`), fix the URI, or {unset} "
+        "to log to the local store mlflow.db."
+    )
 
 
 def tracking_uri(params: TrackingParams, root: Path) -> str:
@@ -207,12 +263,17 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """An MLflow run for ``stage``, child of this pipeline execution's parent run.
 
-    On an exception the run and its parent are marked FAILED and the exception propagates.
+    On an exception the run and its parent are marked FAILED and the exception propagates. An
+    unreachable tracking server raises ``TrackingUnavailableError`` at once (see
+    ``check_tracking_server``).
     """
-    import mlflow
-
     root = (root or Path.cwd()).resolve()
     uri = tracking_uri(tracking, root)
+    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri in params.yaml"
+    check_tracking_server(uri, source=source)  # fail fast, before importing mlflow or any work
+
+    import mlflow
+
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(tracking.experiment, uri, root)
     parent_id = _parent_run(experiment_id, root, all_params)

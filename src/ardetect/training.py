@@ -2,13 +2,21 @@
 
 The whole training set lives on the device as one tensor (no DataLoader): shuffling is an index
 permutation, and dynamic binarisation draws a fresh binary copy of the gray levels each epoch.
+
+A run can resume after a kill: with ``resume_path``, ``fit`` writes the whole training state there after
+every epoch (weights, optimizer, schedule, RNG streams, early-stopping counters, history) and, when
+started again on the same problem, continues from the next epoch. On the CPU the resumed run ends with
+the same weights, bit for bit, as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +26,24 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ardetect.models import ARModel, load_checkpoint, save_model
+from ardetect.configs import as_plain
+from ardetect.models import ARModel, atomic_torch_save, checkpoint_dict, load_checkpoint
 from ardetect.params import TrainParams
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the last good checkpoint."""
+
+
+class ResumeIgnoredWarning(UserWarning):
+    """A resume file exists but cannot continue this run (other settings or data, unreadable); training
+    starts from scratch and overwrites it."""
+
+
+#: Bumped when the layout of the resume file changes; older files are then ignored.
+RESUME_FORMAT = 1
+#: Train settings that do not change the training trajectory, so changing them keeps a run resumable.
+_NOT_IN_RUN_IDENTITY = frozenset({"progress", "num_samples"})
 
 
 @dataclass(frozen=True)
@@ -82,11 +102,26 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
+    resume_path: Path | None = None,
+    on_resume: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the best validation weights.
 
-    ``train`` is a fixed tensor of images or ``draw(epoch) -> images`` (fresh dynamic binarisation).
-    The best checkpoint is written atomically to ``checkpoint_path`` whenever validation improves.
+    ``train`` is a fixed tensor of images or ``draw(epoch) -> images`` (fresh dynamic binarisation;
+    it must be a function of ``epoch`` and the global torch RNG only). The best checkpoint is written
+    atomically to ``checkpoint_path`` whenever validation improves.
+
+    With ``resume_path``, the full training state is written there atomically after every epoch
+    (including a copy of the best checkpoint, so it is self-contained), and a run started again resumes
+    from it when it belongs to the same run: same architecture, config, train settings (except
+    ``progress``/``num_samples``), ``checkpoint_extra``, initial weights, first-epoch training images
+    and validation images. Otherwise it is ignored with a ``ResumeIgnoredWarning`` and training starts
+    over. On resume ``checkpoint_path`` is rewritten if it does not hold the run's best epoch (a kill
+    between the two writes, or a deleted file), and ``on_resume(history)`` is called with the restored
+    epochs' records (``on_epoch`` is only called for epochs trained in this call). The resume file is
+    left in place after a successful fit, marked finished: a rerun returns at once with the best
+    weights (useful when the caller is killed after ``fit``). Delete it once the results are safely
+    stored; the train stage does.
     """
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
@@ -102,10 +137,36 @@ def fit(
     use_amp = params.amp and device.type == "cuda"
     history: list[dict[str, float]] = []
     best_val, best_epoch, bad_epochs = math.inf, 0, 0
+    best_ckpt: dict[str, Any] = {}  # the best checkpoint, kept (on the CPU) for the resume file
     train_seconds, seen, start = 0.0, 0, time.perf_counter()
     extra = {**(checkpoint_extra or {}), "train_params": dataclasses.asdict(params)}
+    start_epoch, finished = 1, False
+    identity = _run_identity(model, params, checkpoint_extra, first, val) if resume_path else {}
+    state = _resumable_state(resume_path, identity) if resume_path else None
+    if state is not None:
+        best_ckpt = state["best_checkpoint"]
+        if not _holds_epoch(checkpoint_path, best_ckpt["epoch"], best_ckpt["val_nll"]):
+            atomic_torch_save(best_ckpt, checkpoint_path)
+        model.load_state_dict(state["model"])
+        model.load_training_state(state["model_training_state"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and len(state["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history = state["history"]
+        best_val, best_epoch, bad_epochs = state["best_val"], state["best_epoch"], state["bad_epochs"]
+        train_seconds, seen = state["train_seconds"], state["seen"]
+        start -= state["seconds"]  # the wall-clock budget (max_minutes) counts the earlier run(s) too
+        start_epoch, finished = state["epoch"] + 1, state["finished"]
+        if on_resume is not None:
+            on_resume(list(history))
 
-    for epoch in range(1, params.epochs + 1):
+    for epoch in range(start_epoch, params.epochs + 1):
+        if finished:
+            break
         data = first if epoch == 1 else (train(epoch) if callable(train) else first)
         perm = torch.randperm(len(data), generator=gen)[:n].to(device)
         model.train()
@@ -127,8 +188,8 @@ def fit(
             if params.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             opt.step()
-            if isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
-                sched.step()
+            if sched is not None and not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step()  # per step (ReduceLROnPlateau subclasses LRScheduler but steps per epoch)
             total += loss.detach().double() * len(xb)
             if step % 25 == 0 or step == steps - 1:
                 running = total.item() / min(n, (step + 1) * params.batch_size)
@@ -166,13 +227,40 @@ def fit(
             )
         if val_nll < best_val - 1e-6:
             best_val, best_epoch, bad_epochs = val_nll, epoch, 0
-            save_model(model, checkpoint_path, epoch=epoch, val_nll=val_nll, **extra)
+            best_ckpt = checkpoint_dict(model, epoch=epoch, val_nll=val_nll, **extra)
+            if resume_path is not None:  # kept past this epoch: on the CPU .cpu() aliases the weights
+                best_ckpt["state_dict"] = {k: v.clone() for k, v in best_ckpt["state_dict"].items()}
+            atomic_torch_save(best_ckpt, checkpoint_path)
         else:
             bad_epochs += 1
-            if bad_epochs >= params.patience:
-                break
-        if params.max_minutes is not None and time.perf_counter() - start > 60 * params.max_minutes:
-            break  # a wall-clock budget: convenient, but the stopping epoch then depends on the machine
+        # a wall-clock budget (max_minutes): convenient, but the stopping epoch then depends on the machine
+        out_of_time = params.max_minutes is not None and time.perf_counter() - start > 60 * params.max_minutes
+        finished = bad_epochs >= params.patience or out_of_time or epoch == params.epochs
+        if resume_path is not None:
+            atomic_torch_save(
+                {
+                    "format": RESUME_FORMAT,
+                    "run": identity,
+                    "epoch": epoch,
+                    "finished": finished,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "model_training_state": model.training_state(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else {},
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                    "history": history,
+                    "best_val": best_val,
+                    "best_epoch": best_epoch,
+                    "best_checkpoint": best_ckpt,
+                    "bad_epochs": bad_epochs,
+                    "train_seconds": train_seconds,
+                    "seen": seen,
+                    "seconds": time.perf_counter() - start,
+                },
+                resume_path,
+            )
 
     model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
     return FitResult(
@@ -182,6 +270,75 @@ def fit(
         seconds=time.perf_counter() - start,
         train_images_per_second=seen / max(train_seconds, 1e-9),
     )
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of ``tensors`` (any device, any dtype)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _run_identity(
+    model: ARModel, params: TrainParams, extra: dict[str, Any] | None, first: Tensor, val: Tensor
+) -> dict[str, Any]:
+    """What a resume file must match to continue this run (plain data, readable in a warning)."""
+    train = dataclasses.asdict(params)
+    return {
+        "format": RESUME_FORMAT,
+        "arch": model.name,
+        "image_shape": list(model.image_shape),
+        "levels": model.levels,
+        "config": as_plain(dataclasses.asdict(model.config)),  # type: ignore[call-overload]
+        "train_params": {k: v for k, v in train.items() if k not in _NOT_IN_RUN_IDENTITY},
+        "checkpoint_extra": json.loads(json.dumps(extra or {}, sort_keys=True, default=str)),
+        "initial_weights": _digest(model.state_dict()),
+        "train_images": _digest({"epoch_1": first}),
+        "val_images": _digest({"val": val}),
+    }
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d
+            for k in sorted(set(old) | set(new))
+            for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        ]
+    return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} -> {new!r})"]
+
+
+def _resumable_state(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The training state in ``path`` if it continues this run, else None (with a warning if it exists)."""
+    if not path.exists():
+        return None
+
+    def ignore(why: str) -> None:
+        warnings.warn(
+            f"ignoring the resume file {path}: {why}; training starts from scratch", ResumeIgnoredWarning, 3
+        )
+
+    try:
+        state = load_checkpoint(path)
+    except Exception as err:  # unreadable for any reason: starting over is always safe
+        ignore(f"it cannot be read ({type(err).__name__}: {err})")
+        return None
+    if state.get("format") != RESUME_FORMAT or state.get("run") != identity:
+        diff = _differences(state.get("run"), identity) if isinstance(state.get("run"), dict) else []
+        ignore(f"it belongs to another run ({'; '.join(diff[:5]) or 'another file format'})")
+        return None
+    return state
+
+
+def _holds_epoch(path: Path, epoch: int, val_nll: float) -> bool:
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception:
+        return False
+    return (ckpt.get("epoch"), ckpt.get("val_nll")) == (epoch, val_nll)
 
 
 def _diverged(

@@ -96,6 +96,21 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> ARModel:
     return model
 
 
+def trained_model_paths(folder: str | os.PathLike[str], names: Sequence[str]) -> dict[str, Path]:
+    """``{name: folder/name/model.pt}`` for the published models; FileNotFoundError naming every missing
+    model and the command that trains it, before any work uses them."""
+    paths = {name: Path(folder) / name / "model.pt" for name in names}
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if missing:
+        files = ", ".join(str(paths[m]) for m in missing)
+        raise FileNotFoundError(
+            f"no trained model for {', '.join(missing)} (missing {files}); "
+            f"train {'it' if len(missing) == 1 else 'them'} first: `dvc repro` "
+            f"(or `dvc repro {' '.join(f'train@{m}' for m in missing)}`)"
+        )
+    return paths
+
+
 def load_model(path: str | os.PathLike[str]) -> ARModel:
     """Rebuild a model from a checkpoint written by ``save_model`` (safe ``weights_only`` load)."""
     return model_from_checkpoint(load_checkpoint(path))
@@ -114,4 +129,5 @@ __all__ = [
     "model_from_checkpoint",
     "register",
     "save_model",
+    "trained_model_paths",
 ]

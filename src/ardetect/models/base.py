@@ -140,6 +140,17 @@ class ARModel(nn.Module):
         """Extra picklable state for checkpoints (e.g. mask seeds); empty by default."""
         return {}
 
+    def training_state(self) -> dict[str, Any]:
+        """Training state kept outside ``state_dict`` (e.g. a Python step counter), for resuming a run.
+
+        Plain ints, floats, strings, lists and dicts only: resume checkpoints load with
+        ``torch.load(weights_only=True)``. Empty by default.
+        """
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``training_state`` returned (called after ``load_state_dict``)."""
+
 
 class MaskedLinear(nn.Linear):
     """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask buffer inside ``F.linear``."""

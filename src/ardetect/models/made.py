@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pydantic import NonNegativeInt, PositiveInt
@@ -109,6 +110,14 @@ class MADE(ARModel):
             self.select_ordering(self._train_steps % self.num_orderings)
             self._train_steps += 1
         return -self.log_prob_from_logits(self(x), x).mean()
+
+    def training_state(self) -> dict[str, Any]:
+        """The step counter that picks each training step's mask, and the mask in use."""
+        return {"train_steps": self._train_steps, "mask_index": self.mask_index}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self._train_steps = int(state["train_steps"])
+        self.select_ordering(int(state["mask_index"]))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
