@@ -79,9 +79,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", help="entries under `models` (default: all defined)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--batch", type=int, default=None, help="training batch (default: the profile's)")
-    ap.add_argument("--sample-n", type=int, default=16)
+    ap.add_argument("--sample-n", type=int, default=16, help="images per sampling call (0: skip sampling)")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum timing window per measurement")
     ap.add_argument("--shape", type=int, nargs=3, default=[1, 28, 28])
+    ap.add_argument("--channels-last", action="store_true", help="conv models in channels-last memory format")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     ap.add_argument("--out", default="benchmarks/results.json")
     args = ap.parse_args()
 
@@ -113,6 +115,10 @@ def main() -> None:
         tp = params.train_params(name)
         torch.manual_seed(0)
         model = build_model(entry.arch, shape, levels=entry.levels, **entry.hparams).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if args.compile:
+            model.compile()
         bsz = args.batch or tp.batch_size
         x = batch(model, bsz, device)
         amp = tp.amp and device.type == "cuda"
@@ -122,12 +128,18 @@ def main() -> None:
         xs = batch(model, tp.eval_batch_size, device)
         with torch.inference_mode():
             t_score = timed(lambda m=model, x=xs: m.log_prob(x), device, args.seconds)  # type: ignore[misc]
-            t_sample = timed(lambda m=model: m.sample(args.sample_n), device, 0.0, max_iters=1)  # type: ignore[misc]
+            t_sample = (
+                timed(lambda m=model: m.sample(args.sample_n), device, 0.0, max_iters=1)  # type: ignore[misc]
+                if args.sample_n
+                else float("nan")
+            )
         row = {
             "arch": entry.arch,
             "levels": entry.levels,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_batch": bsz,
+            "channels_last": args.channels_last,
+            "compiled": args.compile,
             "train_images_per_second": bsz / t_train,
             "score_images_per_second": len(xs) / t_score,
             "sample_images_per_second": args.sample_n / t_sample,
