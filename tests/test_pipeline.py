@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,41 @@ def test_experiment_reruns_only_the_changed_model(repo: tuple[Path, dict[str, st
         "score",
         "train@fvsbn",
     ]
+
+
+def test_queued_experiments_land_in_the_workspace_store(repo: tuple[Path, dict[str, str], str]) -> None:
+    """`dvc exp run --queue` + `dvc queue start` run in temporary copies; their runs still reach the
+    repository's own MLflow store (via DVC_ROOT) and `dvc exp show` lists their metrics."""
+    work, env, _ = repo
+    local = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store: mlflow.db
+    run(
+        [str(BIN / "dvc"), "exp", "run", "--queue", "-n", "queued-lr", "-S", "models.fvsbn.train.lr=0.005"],
+        work,
+        local,
+    )
+    run([str(BIN / "dvc"), "queue", "start", "--jobs", "1"], work, local)
+    deadline = time.monotonic() + 600
+    while True:
+        status = run([str(BIN / "dvc"), "queue", "status"], work, local)
+        if "queued-lr" in status and not any(s in status for s in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert "Success" in status, status
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], work, local))
+    assert "queued-lr" in json.dumps(shown)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ardetect"], output_format="list")
+    parent = next(
+        r
+        for r in runs
+        if r.data.tags.get("dvc.experiment") == "queued-lr" and "ardetect.pipeline_id" in r.data.tags
+    )
+    names = sorted(
+        r.data.tags["mlflow.runName"]
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    )
+    assert names == ["detect", "score", "train@fvsbn"]

@@ -5,7 +5,8 @@ stage (found by walking up the process tree), so every stage that one command ru
 and the MLflow UI compares pipeline executions side by side. ``ARDETECT_PIPELINE_ID`` overrides it.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri`` in params.yaml, else a SQLite
-store ``mlflow.db`` in the repository root with artifacts in ``mlartifacts/``. A tracking *server*
+store ``mlflow.db`` in the repository root with artifacts in ``mlartifacts/`` (the original repository
+also for queued experiments, which DVC runs in temporary copies). A tracking *server*
 (an http(s) URI) is checked before the stage does any work: when it does not answer, the stage fails
 within seconds with ``TrackingUnavailableError``; it never falls back to another store.
 """
@@ -96,6 +97,12 @@ def tracking_uri(params: TrackingParams, root: Path) -> str:
     if params.uri:
         return params.uri
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def store_root(root: Path) -> Path:
+    """Where the default local store lives: the repository that launched the stage. Queued DVC
+    experiments run in temporary copies of the repo; DVC sets ``DVC_ROOT`` to the original one."""
+    return Path(os.environ.get("DVC_ROOT") or root).resolve()
 
 
 def pipeline_identity() -> tuple[str, dict[str, str]]:
@@ -268,14 +275,14 @@ def stage_run(
     ``check_tracking_server``).
     """
     root = (root or Path.cwd()).resolve()
-    uri = tracking_uri(tracking, root)
+    uri = tracking_uri(tracking, store_root(root))
     source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri in params.yaml"
     check_tracking_server(uri, source=source)  # fail fast, before importing mlflow or any work
 
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(tracking.experiment, uri, root)
+    experiment_id = _experiment_id(tracking.experiment, uri, store_root(root))
     parent_id = _parent_run(experiment_id, root, all_params)
     tags = {
         "mlflow.parentRunId": parent_id,
