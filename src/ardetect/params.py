@@ -78,6 +78,7 @@ class TrainParams:
     device: Device = "auto"
     amp: bool = True
     compile: bool = False
+    channels_last: bool = False  # conv models on CUDA: measured +6-8% PixelCNN training on an H200
     num_samples: PositiveInt = 64
     progress: bool = True
 

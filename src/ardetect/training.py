@@ -126,6 +126,8 @@ def fit(
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
     model.to(device)
+    if params.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if params.compile and device.type == "cuda":
         model.compile()
     val = val.to(device)
