@@ -127,7 +127,7 @@ def fit(
     gen = torch.Generator().manual_seed(params.seed)
     model.to(device)
     if params.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)
     if params.compile and device.type == "cuda":
         model.compile()
     val = val.to(device)
