@@ -8,19 +8,27 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test install data-package lint clean-outputs
+.PHONY: repro test install data-package browser-package lint clean-outputs
 
 # Stages run `python pipeline/<stage>.py`: the venv's bin goes first on PATH, as `source .venv/bin/activate` does.
 repro: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-test: install
+test: install browser-package
 	$(BIN)/ruff check src pipeline tests benchmarks
 	$(BIN)/ruff format --check src pipeline tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 install: $(STAMP) data-package
+
+# Headless Chromium (Debian's package) for the browser check of the MLflow UI in the tests.
+browser-package:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	else echo "note: no apt-get; the browser test will be skipped"; fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -6,8 +6,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -242,3 +244,97 @@ def test_queued_experiments_land_in_the_workspace_store(repo: tuple[Path, dict[s
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     )
     assert names == ["detect", "score", "train@fvsbn"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(os.environ.get("ARDETECT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def chromium(url: str, *flags: str) -> str:
+    """Headless Debian Chromium, offline-safe flags, a fresh profile; returns stdout."""
+    assert CHROMIUM is not None
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=20000",
+                "--window-size=1400,900",
+                *flags,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make test` installs it)")
+def test_mlflow_ui_and_dvc_plots_in_a_real_browser(repo: tuple[Path, dict[str, str], str]) -> None:
+    """The MLflow UI lists the pipeline's parent run (screenshot kept in test-artifacts/, or
+    $ARDETECT_TEST_ARTIFACTS); the `dvc plots show` page carries the ROC plot's spec and data. That page
+    loads Vega from a CDN, so offline it cannot draw: the check reads the DOM, no screenshot of it."""
+    import requests
+
+    work, env, _ = repo
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            env["MLFLOW_TRACKING_URI"],
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        exp = requests.get(
+            f"{url}/api/2.0/mlflow/experiments/get-by-name",
+            params={"experiment_name": "ardetect"},
+            timeout=10,
+        ).json()["experiment"]
+        page = f"{url}/#/experiments/{exp['experiment_id']}/runs"
+        dom = chromium(page, "--dump-dom")
+        assert "pipeline 20" in dom, "the parent run of the pipeline is not on the experiment page"
+        chromium(page, f"--screenshot={ARTIFACTS / 'mlflow-experiment.png'}")
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert (ARTIFACTS / "mlflow-experiment.png").stat().st_size > 10_000
+
+    html_dir = work / "plots-browser"
+    run([str(BIN / "dvc"), "plots", "show", "--out", str(html_dir)], work, env)
+    index = (html_dir / "index.html").as_uri()
+    dom = chromium(index, "--dump-dom")
+    assert "data/plots/roc/pixelcnn_8bit.csv" in dom and "false-positive rate" in dom and "pgd_e51" in dom
