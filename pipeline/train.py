@@ -1,26 +1,43 @@
-"""DVC stage `train@<model>`: maximum-likelihood training of one density model from params.yaml."""
+"""DVC stage `train@<model>`: maximum-likelihood training of one density model from params.yaml.
+
+Runs as one process (`python pipeline/train.py MODEL`, what `dvc repro` does) or as several under torchrun
+(`torchrun --standalone --nproc_per_node 8 pipeline/train.py MODEL`): every rank trains its shard of
+each batch; rank 0 alone opens the MLflow run, writes the checkpoints and publishes the outputs.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torchvision.utils import save_image
 
 from ardetect.data import training_data
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import build_model, save_model
 from ardetect.params import ParamsError, load_params
-from ardetect.tracking import stage_run
-from ardetect.training import evaluate_nll, fit, nats_to_bpd, resolve_device
+from ardetect.tracking import StageRun, stage_run
+from ardetect.training import evaluate_nll, fit, init_distributed, nats_to_bpd, resolve_device
 
 DATA = Path("data/binarized")
 
 
 def main(name: str) -> None:
+    rank, world_size = init_distributed()  # (0, 1) without torchrun
+    try:
+        train(name, lead=rank == 0, world_size=world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def train(name: str, *, lead: bool, world_size: int) -> None:
     params = load_params()
     if name not in params.models:
         raise ParamsError(
@@ -43,13 +60,20 @@ def main(name: str) -> None:
         "binarize": dataclasses.asdict(b),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
+        "world_size": world_size,
     }
     ckpt_dir = Path("checkpoints") / name
     resume_path = ckpt_dir / "last.pt"  # the state after the last finished epoch: a killed run resumes
 
-    with stage_run(f"train@{name}", params.tracking, params=logged, inputs=[DATA]) as run:
+    tracked: AbstractContextManager[StageRun | None] = (
+        stage_run(f"train@{name}", params.tracking, params=logged, inputs=[DATA])
+        if lead
+        else contextlib.nullcontext()
+    )
+    with tracked as run:  # None on ranks other than 0: they only train (fit skips their callbacks)
 
         def resumed(history: list[dict[str, float]]) -> None:
+            assert run is not None
             print(f"{name}: resuming from {resume_path} after epoch {len(history)}", flush=True)
             for r in history:  # this is a new MLflow run: give it the whole learning curve
                 run.log_metrics(r, step=int(r["epoch"]))
@@ -61,11 +85,13 @@ def main(name: str) -> None:
             tp,
             checkpoint_path=ckpt_dir / "best.pt",
             device=device,
-            on_epoch=lambda r: run.log_metrics(r, step=int(r["epoch"])),
+            on_epoch=lambda r: run.log_metrics(r, step=int(r["epoch"])) if run else None,
             checkpoint_extra={"name": name},
             resume_path=resume_path,
             on_resume=resumed,
         )
+        if run is None:
+            return
         test_nll = evaluate_nll(model, data.test, tp.eval_batch_size, device).mean().item()
         metrics = {
             "test_nll": test_nll,

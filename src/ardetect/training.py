@@ -7,6 +7,13 @@ A run can resume after a kill: with ``resume_path``, ``fit`` writes the whole tr
 every epoch (weights, optimizer, schedule, RNG streams, early-stopping counters, history) and, when
 started again on the same problem, continues from the next epoch. On the CPU the resumed run ends with
 the same weights, bit for bit, as a run that was never interrupted.
+
+Several processes (GPUs or machines) train one model together when launched by ``torchrun``: call
+``init_distributed()`` first, then ``fit`` as usual in every process. Each global batch of ``batch_size``
+images is split into one contiguous shard per rank, DistributedDataParallel all-reduces the gradients, and
+each rank's loss is weighted by its shard's share of the batch, so every update equals the single-process
+update on the whole batch (uneven last batches included). Validation is sharded and all-reduced; only rank
+0 writes checkpoints and the resume file, logs and prints.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -23,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ardetect.configs import as_plain
@@ -55,6 +65,43 @@ class FitResult:
     train_images_per_second: float
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment; returns (rank, world size).
+
+    Without torchrun (``WORLD_SIZE`` unset or 1) it does nothing and returns (0, 1), so scripts that call it
+    still run as one plain process. With CUDA each process uses GPU ``LOCAL_RANK`` and NCCL for CUDA
+    tensors (gloo for CPU ones); without CUDA, gloo.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a process group is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _TrainingLoss(nn.Module):
+    """``model.training_nll`` as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: ARModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.training_nll(x)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
@@ -74,6 +121,21 @@ def evaluate_nll(model: ARModel, data: Tensor, batch_size: int, device: torch.de
         for i in range(0, len(data), batch_size)
     ]
     return torch.cat(out)  # (N,)
+
+
+def _mean_nll(
+    model: ARModel, data: Tensor, batch_size: int, device: torch.device, rank: int, world_size: int
+) -> float:
+    """Mean per-image NLL of ``data``; with several ranks each evaluates one shard and the sums are
+    all-reduced, so every rank gets the same value (and makes the same early-stopping decisions)."""
+    if world_size == 1:
+        return evaluate_nll(model, data, batch_size, device).mean().item()
+    shard = data.tensor_split(world_size)[rank]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if len(shard):
+        total += evaluate_nll(model, shard, batch_size, device).sum().to(device)
+    dist.all_reduce(total)
+    return total.item() / len(data)
 
 
 def nats_to_bpd(nll: float, num_dims: int) -> float:
@@ -122,7 +184,19 @@ def fit(
     left in place after a successful fit, marked finished: a rerun returns at once with the best
     weights (useful when the caller is killed after ``fit``). Delete it once the results are safely
     stored; the train stage does.
+
+    Under ``torch.distributed`` (world size W > 1, e.g. after ``init_distributed()`` in a torchrun worker)
+    every rank calls ``fit`` with the same arguments and data. Every rank draws the same permutation; each
+    global batch ``perm[step*B:(step+1)*B]`` (B = ``batch_size``) is split into W contiguous shards (sizes
+    differ by at most one) and rank r trains on shard r. DistributedDataParallel averages the W gradients,
+    so each rank's mean loss is scaled by W * shard size / batch size: the update is the single-process
+    update on the whole batch, uneven last batches included (a rank with an empty shard contributes a zero
+    gradient). Only rank 0 reads and writes ``checkpoint_path`` and ``resume_path`` (the resume state is
+    broadcast to the other ranks), calls ``on_epoch``/``on_resume`` and shows progress; at the end rank 0
+    loads the best checkpoint and broadcasts its weights, so no shared filesystem is needed.
     """
+    rank, world_size = rank_and_world_size()
+    distributed, lead = world_size > 1, rank == 0
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
     model.to(device)
@@ -143,11 +217,15 @@ def fit(
     train_seconds, seen, start = 0.0, 0, time.perf_counter()
     extra = {**(checkpoint_extra or {}), "train_params": dataclasses.asdict(params)}
     start_epoch, finished = 1, False
-    identity = _run_identity(model, params, checkpoint_extra, first, val) if resume_path else {}
-    state = _resumable_state(resume_path, identity) if resume_path else None
+    identity = _run_identity(model, params, checkpoint_extra, first, val) if resume_path and lead else {}
+    state = _resumable_state(resume_path, identity) if resume_path and lead else None
+    if distributed and resume_path is not None:
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
     if state is not None:
         best_ckpt = state["best_checkpoint"]
-        if not _holds_epoch(checkpoint_path, best_ckpt["epoch"], best_ckpt["val_nll"]):
+        if lead and not _holds_epoch(checkpoint_path, best_ckpt["epoch"], best_ckpt["val_nll"]):
             atomic_torch_save(best_ckpt, checkpoint_path)
         model.load_state_dict(state["model"])
         model.load_training_state(state["model_training_state"])
@@ -163,28 +241,38 @@ def fit(
         train_seconds, seen = state["train_seconds"], state["seen"]
         start -= state["seconds"]  # the wall-clock budget (max_minutes) counts the earlier run(s) too
         start_epoch, finished = state["epoch"] + 1, state["finished"]
-        if on_resume is not None:
+        if on_resume is not None and lead:
             on_resume(list(history))
+    # Buffers are not broadcast each step: no model keeps running statistics, and the ranks' buffers (e.g.
+    # MADE's masks, switched by a step counter that advances identically everywhere) stay equal. A static
+    # graph tolerates parameters that no step uses (the last gated PixelCNN layer's horizontal output).
+    trainer: nn.Module = _TrainingLoss(model)
+    if distributed:
+        trainer = DistributedDataParallel(trainer, broadcast_buffers=False, static_graph=True)
 
     for epoch in range(start_epoch, params.epochs + 1):
         if finished:
             break
         data = first if epoch == 1 else (train(epoch) if callable(train) else first)
         perm = torch.randperm(len(data), generator=gen)[:n].to(device)
-        model.train()
+        trainer.train()
         total = torch.zeros((), device=device, dtype=torch.float64)
         t0 = time.perf_counter()
         bar = tqdm(
             range(steps),
             desc=f"{model.name} epoch {epoch}/{params.epochs}",
-            disable=not params.progress,
+            disable=not (params.progress and lead),
             leave=False,
             mininterval=1.0,
         )
         for step in bar:
-            xb = data[perm[step * params.batch_size : (step + 1) * params.batch_size]]  # (B, C, H, W)
+            batch = perm[step * params.batch_size : (step + 1) * params.batch_size]
+            shard = batch.tensor_split(world_size)[rank] if distributed else batch
+            # an empty shard (a last batch smaller than W) still joins the all-reduce, with weight 0
+            xb = data[shard if len(shard) else batch[:1]]  # (B / W, C, H, W)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = model.training_nll(xb)
+                shard_nll = trainer(xb)  # mean NLL over this rank's images
+            loss = shard_nll * (world_size * len(shard) / len(batch)) if distributed else shard_nll
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if params.grad_clip is not None:
@@ -192,9 +280,13 @@ def fit(
             opt.step()
             if sched is not None and not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 sched.step()  # per step (ReduceLROnPlateau subclasses LRScheduler but steps per epoch)
-            total += loss.detach().double() * len(xb)
+            if len(shard):
+                total += shard_nll.detach().double() * len(shard)
             if step % 25 == 0 or step == steps - 1:
-                running = total.item() / min(n, (step + 1) * params.batch_size)
+                done = total.clone()
+                if distributed:  # every rank sees the same value and stops together if it is not finite
+                    dist.all_reduce(done)
+                running = done.item() / min(n, (step + 1) * params.batch_size)
                 if not math.isfinite(running):
                     _diverged(model, epoch, step, running, checkpoint_path, best_epoch, best_val)
                 bar.set_postfix(nll=f"{running:.2f}", bpd=f"{nats_to_bpd(running, model.num_dims):.4f}")
@@ -203,8 +295,8 @@ def fit(
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         seen += n
-        train_nll = total.item() / n
-        val_nll = evaluate_nll(model, val, params.eval_batch_size, device).mean().item()
+        train_nll = done.item() / n
+        val_nll = _mean_nll(model, val, params.eval_batch_size, device, rank, world_size)
         if not math.isfinite(val_nll):
             _diverged(model, epoch, steps, val_nll, checkpoint_path, best_epoch, best_val)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -220,25 +312,30 @@ def fit(
             "train_images_per_second": n / epoch_seconds,
         }
         history.append(record)
-        if on_epoch is not None:
+        if on_epoch is not None and lead:
             on_epoch(record)
-        if params.progress:
+        if params.progress and lead:
             tqdm.write(
                 f"{model.name} epoch {epoch}: train {train_nll:.3f} nats, val {val_nll:.3f} nats "
                 f"({record['val_bpd']:.4f} bpd), {record['train_images_per_second']:.0f} img/s"
             )
         if val_nll < best_val - 1e-6:
             best_val, best_epoch, bad_epochs = val_nll, epoch, 0
-            best_ckpt = checkpoint_dict(model, epoch=epoch, val_nll=val_nll, **extra)
-            if resume_path is not None:  # kept past this epoch: on the CPU .cpu() aliases the weights
-                best_ckpt["state_dict"] = {k: v.clone() for k, v in best_ckpt["state_dict"].items()}
-            atomic_torch_save(best_ckpt, checkpoint_path)
+            if lead:
+                best_ckpt = checkpoint_dict(model, epoch=epoch, val_nll=val_nll, **extra)
+                if resume_path is not None:  # kept past this epoch: on the CPU .cpu() aliases the weights
+                    best_ckpt["state_dict"] = {k: v.clone() for k, v in best_ckpt["state_dict"].items()}
+                atomic_torch_save(best_ckpt, checkpoint_path)
         else:
             bad_epochs += 1
         # a wall-clock budget (max_minutes): convenient, but the stopping epoch then depends on the machine
         out_of_time = params.max_minutes is not None and time.perf_counter() - start > 60 * params.max_minutes
+        if distributed and params.max_minutes is not None:  # rank 0's clock decides for all ranks
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.broadcast(flag, src=0)
+            out_of_time = bool(flag.item())
         finished = bad_epochs >= params.patience or out_of_time or epoch == params.epochs
-        if resume_path is not None:
+        if resume_path is not None and lead:
             atomic_torch_save(
                 {
                     "format": RESUME_FORMAT,
@@ -264,7 +361,14 @@ def fit(
                 resume_path,
             )
 
-    model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
+    if lead:
+        model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
+    if distributed:  # the other ranks get the best weights from rank 0, not from a (maybe unshared) disk
+        for t in model.state_dict().values():
+            buf = t.contiguous()
+            dist.broadcast(buf, src=0)
+            if buf.data_ptr() != t.data_ptr():
+                t.copy_(buf)
     return FitResult(
         best_epoch=best_epoch,
         best_val_nll=best_val,
