@@ -243,12 +243,12 @@ def fit(
         start_epoch, finished = state["epoch"] + 1, state["finished"]
         if on_resume is not None and lead:
             on_resume(list(history))
-    # Buffers are not broadcast each step: no model keeps running statistics, and the ranks' buffers (e.g.
-    # MADE's masks, switched by a step counter that advances identically everywhere) stay equal. A static
-    # graph tolerates parameters that no step uses (the last gated PixelCNN layer's horizontal output).
+    # Buffers are synced once, not before every step: no model keeps running statistics, and the ranks'
+    # buffers (e.g. MADE's masks, switched by a step counter that advances identically everywhere) stay
+    # equal. A static graph tolerates parameters no step uses (the last gated PixelCNN layer's h_out).
     trainer: nn.Module = _TrainingLoss(model)
     if distributed:
-        trainer = DistributedDataParallel(trainer, broadcast_buffers=False, static_graph=True)
+        trainer = DistributedDataParallel(trainer, forward_sync_buffers=False, static_graph=True)
 
     for epoch in range(start_epoch, params.epochs + 1):
         if finished:
