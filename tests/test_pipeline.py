@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +248,42 @@ def test_queued_experiments_land_in_the_workspace_store(repo: tuple[Path, dict[s
     assert names == ["detect", "score", "train@fvsbn"]
 
 
+@contextmanager
+def mlflow_server(backend_uri: str, *extra: str) -> Iterator[str]:
+    """``mlflow server`` on a free loopback port, up (answering /health) for the block; yields its URL."""
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(
+        [*cmd, "--backend-store-uri", backend_uri, *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, "mlflow server exited during start-up"
+            assert time.monotonic() < deadline, "mlflow server did not answer /health within 90 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("ARDETECT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -289,37 +327,7 @@ def test_mlflow_ui_and_dvc_plots_in_a_real_browser(repo: tuple[Path, dict[str, s
 
     work, env, _ = repo
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            env["MLFLOW_TRACKING_URI"],
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+    with mlflow_server(env["MLFLOW_TRACKING_URI"]) as url:
         exp = requests.get(
             f"{url}/api/2.0/mlflow/experiments/get-by-name",
             params={"experiment_name": "ardetect"},
@@ -329,9 +337,6 @@ def test_mlflow_ui_and_dvc_plots_in_a_real_browser(repo: tuple[Path, dict[str, s
         dom = chromium(page, "--dump-dom")
         assert "pipeline 20" in dom, "the parent run of the pipeline is not on the experiment page"
         chromium(page, f"--screenshot={ARTIFACTS / 'mlflow-experiment.png'}")
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
     assert (ARTIFACTS / "mlflow-experiment.png").stat().st_size > 10_000
 
     html_dir = work / "plots-browser"
