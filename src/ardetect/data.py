@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +24,6 @@ import numpy as np
 import torch
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.utils import check_integrity
-
-log = logging.getLogger(__name__)
 
 DatasetName = Literal["mnist", "fashion-mnist", "digits"]
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "digits")

@@ -30,8 +30,6 @@ import psutil
 
 from ardetect.params import TrackingParams
 
-log = logging.getLogger(__name__)
-
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from an offline pipeline
 
 

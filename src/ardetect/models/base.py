@@ -35,6 +35,8 @@ class ARModel(nn.Module):
     name: ClassVar[str] = "base"
     #: level counts the architecture supports; dense binary models restrict this to ``(2,)``.
     supported_levels: ClassVar[tuple[int, ...]] = (2, 256)
+    #: convolutional models whose masks order pixels but not colour channels set this.
+    single_channel_only: ClassVar[bool] = False
 
     def __init__(self, image_shape: Sequence[int], levels: int = 2) -> None:
         super().__init__()
@@ -44,6 +46,11 @@ class ARModel(nn.Module):
         if levels not in self.supported_levels:
             raise ValueError(
                 f"model {self.name!r} supports levels {self.supported_levels}, got levels={levels}"
+            )
+        if self.single_channel_only and shape[0] != 1:
+            raise ValueError(
+                f"{self.name} supports single-channel images only (it orders pixels, not colour "
+                f"channels), got image_shape={shape}"
             )
         self.image_shape: ImageShape = (shape[0], shape[1], shape[2])
         self.levels = int(levels)
@@ -135,10 +142,6 @@ class ARModel(nn.Module):
             logits = self.position_logits(self(x), idx)
             flat[:, idx] = self.sample_step(logits, generator)
         return x
-
-    def extra_checkpoint(self) -> dict[str, Any]:
-        """Extra picklable state for checkpoints (e.g. mask seeds); empty by default."""
-        return {}
 
     def training_state(self) -> dict[str, Any]:
         """Training state kept outside ``state_dict`` (e.g. a Python step counter), for resuming a run.

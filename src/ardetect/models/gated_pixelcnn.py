@@ -94,14 +94,10 @@ class GatedLayer(nn.Module):
 class GatedPixelCNN(ARModel):
     name = "gated_pixelcnn"
     Config = GatedPixelCNNConfig
+    single_channel_only = True
 
     def __init__(self, image_shape: Sequence[int], config: GatedPixelCNNConfig, levels: int = 2) -> None:
         super().__init__(image_shape, levels)
-        if self.image_shape[0] != 1:
-            raise ValueError(
-                "gated_pixelcnn supports single-channel images only (its stacks do not order colour "
-                f"channels), got image_shape={self.image_shape}"
-            )
         self.config = config
         ch = config.channels
         self.layers = nn.ModuleList(

@@ -85,14 +85,10 @@ class ResidualBlock(nn.Module):
 class PixelCNN(ARModel):
     name = "pixelcnn"
     Config = PixelCNNConfig
+    single_channel_only = True
 
     def __init__(self, image_shape: Sequence[int], config: PixelCNNConfig, levels: int = 2) -> None:
         super().__init__(image_shape, levels)
-        if self.image_shape[0] != 1:
-            raise ValueError(
-                f"pixelcnn supports single-channel images only (its masks do not order colour channels), "
-                f"got image_shape={self.image_shape}"
-            )
         self.config = config
         ch = config.channels
         self.input_conv = MaskedConv2d(1, ch, config.kernel_size, "A")
