@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ardetect.attacks import adversarial_figure, attack_summary, run_attacks, select_correct, set_name
+from ardetect.attacks import adversarial_figure, attack_summary, run_attacks, select_correct
 from ardetect.classifier import load_classifier
 from ardetect.data import load_split
 from ardetect.io import staged_outputs, write_json
@@ -41,13 +41,13 @@ def main() -> None:
         images, labels = test["images"][index], test["labels"][index]
         results = run_attacks(model, images, labels, p, device=device, progress=p.progress)
         summary = attack_summary(results)
-        summary.insert(0, "set", [set_name(r.attack, r.epsilon) for r in results])
         metrics = {
             row["set"]: {
                 k: float(row[k])
                 for k in (
                     "success_before_rounding",
                     "success_after_rounding",
+                    "failed",
                     "mean_linf",
                     "mean_l2",
                     "seconds_per_image",
@@ -59,12 +59,13 @@ def main() -> None:
             out.mkdir()
             for r in results:
                 np.savez(
-                    out / f"{set_name(r.attack, r.epsilon)}.npz",
+                    out / f"{r.attack_set.slug}.npz",
                     adversarial=r.adversarial,
                     source_index=index,
                     label=labels,
                     success=r.success,
                     success_before_rounding=r.success_before_rounding,
+                    failed=r.failed,
                     prediction=r.prediction,
                     linf=r.linf,
                     l2=r.l2,

@@ -17,11 +17,11 @@ from ardetect.data import load_split
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import load_model, trained_model_paths
 from ardetect.params import load_params
-from ardetect.scoring import ImageSet, score_table
+from ardetect.scoring import ImageSet, clean_test_pools, score_table
 from ardetect.tracking import stage_run
 from ardetect.training import resolve_device
 
-DATA, ATTACKS, MODELS = Path("data/dataset"), Path("data/attacks"), Path("data/models")
+DATA, ATTACKS, ADAPTIVE, MODELS = (Path(f"data/{d}") for d in ("dataset", "attacks", "adaptive", "models"))
 CLASSIFIER = Path("data/classifier/model.pt")
 OUTS = Path("data/scores"), Path("data/metrics/score.json")
 
@@ -36,16 +36,19 @@ def main() -> None:
     p = params.score
     device = resolve_device(p.device)
     model_paths = trained_model_paths(MODELS, params.train.models)  # fails first, naming what is missing
-    splits = {s: load_split(DATA / f"{s}.npz") for s in ("train", "val", "test")}
+    splits = {s: load_split(DATA / f"{s}.npz") for s in ("train", "test")}
     clf = load_classifier(CLASSIFIER, device)
-    adv_files = sorted(f for f in ATTACKS.glob("*.npz"))
+    adv_files = sorted(ATTACKS.glob("*.npz")) + sorted(ADAPTIVE.glob("*.npz"))
     attacked: np.ndarray = (
         np.unique(np.concatenate([np.load(f)["source_index"] for f in adv_files]))
         if adv_files
         else np.zeros(0, np.int64)
     )
     rng = np.random.default_rng(p.seed)
-    n_train, n_val, n_test = (len(splits[s]["labels"]) for s in ("train", "val", "test"))
+    n_train = len(splits["train"]["labels"])
+    test = splits["test"]
+    correct = predict(clf, test["images"]) == test["labels"]  # type: ignore[arg-type]
+    test_index, calib_index = clean_test_pools(correct, attacked, p.num_test, p.num_calib, p.seed)
     sets = [
         clean_set(
             "train_ref",
@@ -53,13 +56,8 @@ def main() -> None:
             np.sort(rng.choice(n_train, min(p.num_train_ref, n_train), replace=False)),
             clf,
         ),
-        clean_set("val", splits["val"], np.arange(min(p.num_val, n_val)), clf),
-        clean_set(
-            "test",
-            splits["test"],
-            np.union1d(np.arange(min(p.num_test, n_test)), attacked).astype(np.int64),
-            clf,
-        ),
+        clean_set("calib", test, calib_index, clf),
+        clean_set("test", test, test_index, clf),
     ]
     for f in adv_files:
         with np.load(f) as a:
@@ -80,7 +78,7 @@ def main() -> None:
         model = load_model(model_paths[name])
         models[name] = (model, params.binarize.mode if model.levels == 2 else None)
     with stage_run(
-        "score", params.tracking, params=dataclasses.asdict(p), inputs=[DATA, ATTACKS, MODELS]
+        "score", params.tracking, params=dataclasses.asdict(p), inputs=[DATA, ATTACKS, ADAPTIVE, MODELS]
     ) as run:
         table, speed = score_table(
             models, sets, p, device, progress=p.progress, threshold=params.binarize.threshold

@@ -76,6 +76,8 @@ def attacked(
         deepfool_steps=20,
         cw_steps=50,
         cw_binary_search_steps=4,
+        cw_initial_const=1.0,  # a margin of 5 logits needs a larger constant and step than the minimal
+        cw_stepsize=0.05,  # attack; with the defaults 40% of cw_conf fail (all-zero sentinel)
         batch_size=32,
     )
     return x, y, run_attacks(classifier, x, y, config, progress=False)
@@ -195,7 +197,10 @@ def test_success_after_rounding_is_rechecked(
     for r in results:
         pred = predict(classifier, r.adversarial)
         assert np.array_equal(r.prediction, pred)
-        assert np.array_equal(r.success, pred != y), r.name
+        assert np.array_equal(r.success, r.success_before_rounding & (pred != y)), r.name
+        assert not (r.success & r.failed).any(), r.name
+        black = (r.adversarial.reshape(len(y), -1) == 0).all(1)
+        assert not (r.success & black).any(), f"{r.name}: a black square counted as a success"
 
 
 def test_attacks_lower_accuracy(attacked: tuple[np.ndarray, np.ndarray, list[AttackResult]]) -> None:
@@ -235,7 +240,7 @@ def test_no_rounding_keeps_floats(classifier: SmallCNN, digits: dict[str, np.nda
     )
     assert r.adversarial.dtype == np.float32
     assert np.array_equal(r.adversarial, r.before_rounding)
-    assert np.array_equal(r.success, predict(classifier, r.adversarial) != y)
+    assert np.array_equal(r.success, r.success_before_rounding & (predict(classifier, r.adversarial) != y))
 
 
 def test_summary_and_figure(attacked: tuple[np.ndarray, np.ndarray, list[AttackResult]]) -> None:
@@ -247,3 +252,48 @@ def test_summary_and_figure(attacked: tuple[np.ndarray, np.ndarray, list[AttackR
     fig = adversarial_figure(x, y, results, n=4)
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 4 * (1 + len(results))
+
+
+class Brightness(torch.nn.Module):
+    """Class 0 for bright images (mean > 0.1), class 1 for dark ones: black is "class 1"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(100.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1, keepdim=True)  # (B, 1)
+        return torch.cat([self.gain * (m - 0.1), torch.zeros_like(m)], 1)  # (B, 2)
+
+
+def test_failed_carlini_wagner_is_not_a_success() -> None:
+    """Foolbox's CW returns an all-zero image where it fails, and its own success flag only asks whether
+    the classifier mislabels that black square; here it does, so Foolbox reports a success. The attack
+    must report a failure, and the summary must not count it (nor its norm)."""
+    import foolbox as fb
+
+    x = np.full((3, 1, 8, 8), 128, np.uint8)  # mean 0.5: class 0; far from the boundary in L2
+    y = np.zeros(3, np.int64)
+    model = Brightness().eval()
+    cw = fb.attacks.L2CarliniWagnerAttack(binary_search_steps=1, steps=2, stepsize=1e-4, initial_const=1e-6)
+    fmodel = fb.PyTorchModel(model, bounds=(0, 1))
+    _, raw, fb_success = cw(fmodel, torch.as_tensor(x).float() / 255, torch.as_tensor(y), epsilons=None)
+    assert (raw == 0).all() and fb_success.all(), "the Foolbox behaviour this guards against"
+    config = AttackConfig(
+        attacks=("cw",), cw_steps=2, cw_binary_search_steps=1, cw_stepsize=1e-4, cw_initial_const=1e-6
+    )
+    (r,) = run_attacks(model, x, y, config, progress=False)
+    assert r.failed.all() and not r.success.any() and not r.success_before_rounding.any()
+    summary = attack_summary([r])
+    assert summary.loc[0, "success_after_rounding"] == 0 and summary.loc[0, "failed"] == 3
+    assert np.isnan(summary.loc[0, "mean_l2"])
+
+
+def test_failure_sentinel_only_flags_unreachable_black() -> None:
+    from ardetect.attacks import failure_sentinel
+
+    clean = np.stack([np.full((1, 2, 2), 0.5), np.full((1, 2, 2), 0.02), np.zeros((1, 2, 2))])  # (3, 1, 2, 2)
+    black = np.zeros_like(clean)
+    np.testing.assert_array_equal(failure_sentinel(clean, black, None), [True, True, False])
+    np.testing.assert_array_equal(failure_sentinel(clean, black, 8 / 255), [True, False, False])
+    np.testing.assert_array_equal(failure_sentinel(clean, clean, None), [False, False, False])

@@ -96,7 +96,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
         mid, spread = (lo + hi) / 2, hi - lo
         val[name] = np.r_[np.linspace(mid - 2 * spread, mid - 0.1 * spread, 95), mid, np.full(4, hi + spread)]
         train_ref[name] = np.linspace(lo - spread, hi + spread, 50)
-        for source, values in (("train_ref", train_ref[name]), ("val", val[name])):
+        for source, values in (("train_ref", train_ref[name]), ("calib", val[name])):
             frames.append(
                 pd.DataFrame(
                     {
@@ -120,7 +120,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     report = root / "data/report"
     report.mkdir(parents=True)
     (report / "report.md").write_text("# report\n")
-    for fig in ("roc.png", "bpd_histograms.png"):
+    for fig in ("roc.png", "bpd_densities.png"):
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(report / fig)
     (root / "data/metrics").mkdir(parents=True)
     detection = {
@@ -227,7 +227,7 @@ def test_score_table_output(capsys: pytest.CaptureFixture[str], project: Project
     assert code == 0
     head, _, *lines = out.strip().splitlines()
     assert head.startswith("model tiny_8bit (256 levels)")  # the default: the first 8-bit model
-    assert "at 5% FPR on 100 val images" in head and "against 50 train_ref images" in head
+    assert "at 5% FPR on 100 clean calibration images" in head and "against 50 train_ref images" in head
     assert lines[0].split() == ["file", "bpd", "±se", "p-value", "threshold", "verdict"]
     for line, f, key in zip(lines[1:], files, ("smooth", "noise")):
         e = _expected(project, "tiny_8bit", key)

@@ -23,7 +23,7 @@ from ardetect.detection import (
     with_pvalues,
 )
 from ardetect.report import (
-    bpd_histogram_figure,
+    bpd_density_figure,
     pvalue_histogram_figure,
     roc_figure,
     save_figure,
@@ -93,10 +93,10 @@ def make_scores(seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for model, shift in (("fvsbn", 0.5), ("made", 2.0)):
-        for source, n in (("train_ref", 1000), ("val", 500)):
+        for source, n in (("train_ref", 1000), ("calib", 500)):
             rows += [
                 dict(
-                    image_id=i,
+                    image_id=i + (1000 if source == "calib" else 0),
                     source=source,
                     attack=None,
                     epsilon=np.nan,
@@ -158,14 +158,16 @@ def test_detection_table_pairs_successes_with_their_originals() -> None:
     assert row["auroc"] > 0.99
     assert row["ci_low"] <= row["auroc"] <= row["ci_high"]
     assert row["tpr_at_5fpr"] > 0.95 and row["pvalue_detection_rate"] > 0.95
-    val = scores[(scores["model"] == "made") & (scores["source"] == "val")]["bpd"]
-    assert row["threshold"] == pytest.approx(threshold_at_fpr(val, 0.05))
+    calib = scores[(scores["model"] == "made") & (scores["source"] == "calib")]["bpd"]
+    assert row["threshold"] == pytest.approx(threshold_at_fpr(calib, 0.05))
+    assert row["fpr"] == pytest.approx((test.loc[:149] > row["threshold"]).mean())
     weak = table[(table["model"] == "fvsbn") & (table["attack"] == "fgsm")].iloc[0]
     assert 0.5 < weak["auroc"] < row["auroc"]
     cw = table[(table["model"] == "made") & (table["attack"] == "cw")].iloc[0]
     assert np.isnan(cw["epsilon"]) and cw["n_pos"] == 100
     noise = table[(table["model"] == "made") & (table["attack"] == "noise")].iloc[0]
-    assert noise["n_pos"] == 0 and np.isnan(noise["auroc"])
+    assert noise["n_pos"] == 200, "a control is scored on every image, not filtered by success"
+    assert noise["auroc"] < 0.01  # the toy's noise images have BPD -100
 
 
 def test_schema_errors_are_clear() -> None:
@@ -179,8 +181,8 @@ def test_schema_errors_are_clear() -> None:
     orphan = scores[~((scores["source"] == "test") & (scores["image_id"] == 3))]
     with pytest.raises(ValueError, match="without a clean 'test' row"):
         detection_table(orphan)
-    with pytest.raises(ValueError, match="no 'val' rows"):
-        detection_table(scores[scores["source"] != "val"])
+    with pytest.raises(ValueError, match="no 'calib' rows"):
+        detection_table(scores[scores["source"] != "calib"])
     nan_bpd = scores.copy()
     nan_bpd.loc[5, "bpd"] = np.nan
     with pytest.raises(ValueError, match="bpd is missing"):
@@ -192,8 +194,13 @@ def test_report_figures_and_markdown(tmp_path: Path) -> None:
     table = detection_table(scores, n_boot=100)
     roc_fig = roc_figure(scores)
     assert isinstance(roc_fig, Figure) and len(roc_fig.axes) == 2
-    assert len(roc_fig.axes[0].get_lines()) == 1 + 2  # chance + fgsm + cw (noise had no success)
-    hist_fig = bpd_histogram_figure(scores)
+    assert len(roc_fig.axes[0].get_lines()) == 1 + 3  # chance + noise + fgsm + cw
+    hist_fig = bpd_density_figure(scores)
+    assert len(hist_fig.axes) == 2  # one panel per model
+    assert [t.get_text() for t in hist_fig.axes[0].get_legend().get_texts()][:2] == [
+        "clean originals",
+        "noise ε=0.1 (n=200)",
+    ]
     p_fig = pvalue_histogram_figure(scores)
     pv = with_pvalues(scores)
     assert pv["pvalue"].between(0, 1).all()

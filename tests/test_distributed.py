@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from ardetect.models import build_model
-from ardetect.params import TrainParams
-from ardetect.training import fit, init_distributed, rank_and_world_size
+from ardetect.training import TrainParams, fit, init_distributed, rank_and_world_size
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")

@@ -40,14 +40,14 @@ import yaml
 from torch import Tensor
 
 from ardetect.models import atomic_torch_save, build_model, load_checkpoint, load_model, save_model
-from ardetect.params import TrackingParams, TrainParams
 from ardetect.tracking import (
+    TrackingParams,
     TrackingUnavailableError,
     bound_mlflow_http_retries,
     check_tracking_server,
     stage_run,
 )
-from ardetect.training import ResumeIgnoredWarning, fit
+from ardetect.training import ResumeIgnoredWarning, TrainParams, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -84,8 +84,7 @@ import torch
 
 torch.set_num_threads(1)
 from ardetect.models import build_model
-from ardetect.params import TrainParams
-from ardetect.training import fit
+from ardetect.training import TrainParams, fit
 
 out, pause = Path(sys.argv[1]), float(sys.argv[2])
 g = torch.Generator().manual_seed(0)

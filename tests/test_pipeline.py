@@ -44,7 +44,16 @@ def tiny_params() -> dict[str, Any]:
     params["attack"].update(
         num_images=12, cw_steps=5, cw_binary_search_steps=2, deepfool_steps=10, pgd_steps=5, progress=False
     )
-    params["score"].update(num_draws=2, num_test=30, num_val=30, num_train_ref=30, progress=False)
+    params["score"].update(num_draws=2, num_test=30, num_calib=30, num_train_ref=30, progress=False)
+    params["adaptive"].update(
+        num_images=8,
+        pgd_steps=3,
+        cw_steps=3,
+        cw_binary_search_steps=1,
+        sweep_images=4,
+        sweep_steps=3,
+        progress=False,
+    )
     params["detect"].update(n_boot=50)
     return params
 
@@ -127,7 +136,7 @@ def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
     assert attack["pgd_e51"]["success_after_rounding"] > attack["noise_e51"]["success_after_rounding"]
     scores = pd.read_parquet(work / "data/scores/scores.parquet")
     assert set(scores["model"]) == {"fvsbn", "nade", "made", "pixelcnn_8bit"}
-    assert set(scores["source"]) == {"train_ref", "val", "test", "adversarial"}
+    assert set(scores["source"]) == {"train_ref", "calib", "test", "adversarial"}
     binary = scores[scores["model"] == "made"]
     assert (binary["bpd_se"] > 0).any(), "dynamic binarisation reports a Monte-Carlo standard error"
     assert (scores.loc[scores["model"] == "pixelcnn_8bit", "bpd_se"] == 0).all()
@@ -135,10 +144,36 @@ def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
     row = detection["pixelcnn_8bit"]["pgd_e51"]
     assert 0.0 <= row["ci_low"] <= row["auroc"] <= row["ci_high"] <= 1.0 and row["n_pos"] > 0
     report = (work / "data/report/report.md").read_text()
-    for needle in ("Classifier accuracy", "pixelcnn_8bit", "roc.png", "bpd_histograms.png", "pvalues.png"):
-        assert needle in report
-    for fig in ("roc.png", "bpd_histograms.png", "pvalues.png"):
+    for needle in (
+        "## AUROC by model and attack set",
+        "## Oblivious vs adaptive attacks",
+        "False-positive rate realized",
+        "Classifier accuracy",
+        "pixelcnn_8bit",
+        "roc.png",
+        "bpd_densities.png",
+        "pvalues.png",
+        "sweep.png",
+    ):
+        assert needle in report, needle
+    assert (
+        report.index("## AUROC by model")
+        < report.index("## Oblivious vs adaptive")
+        < report.index("## Detection")
+    )
+    for fig in ("roc.png", "bpd_densities.png", "pvalues.png"):
         assert (work / "data/report" / fig).stat().st_size > 1000
+    adaptive = json.loads((work / "data/metrics/adaptive.json").read_text())
+    assert adaptive["model"] == "pixelcnn_8bit" and set(adaptive["sets"]) == {
+        "adaptive_pgd_e8",
+        "adaptive_pgd_e25",
+        "adaptive_cw",
+    }
+    for m in adaptive["sets"].values():
+        assert m["n"] == 8 and 0 <= m["joint_success"] <= min(m["classifier_success"], m["evasion_rate"])
+    adv = scores[scores["attack"].fillna("").str.startswith("adaptive_")]
+    assert set(adv["model"]) == {"fvsbn", "nade", "made", "pixelcnn_8bit"} and len(adv) == 4 * 3 * 8
+    assert "adaptive_pgd_e8" in detection["pixelcnn_8bit"] or adv["success"].sum() == 0
     roc = pd.read_csv(work / "data/plots/roc/pixelcnn_8bit.csv")
     assert list(roc.columns) == ["fpr", "tpr", "curve", "point"] and roc["tpr"].between(0, 1).all()
     html = run([str(BIN / "dvc"), "plots", "show", "--out", str(work / "plots-html")], work, env)
@@ -155,6 +190,7 @@ def test_mlflow_parent_and_children(repo: tuple[Path, dict[str, str], str]) -> N
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     names = sorted(r.data.tags["mlflow.runName"] for r in children)
     assert names == [
+        "adaptive",
         "attack",
         "binarize",
         "classifier",
@@ -169,6 +205,7 @@ def test_mlflow_parent_and_children(repo: tuple[Path, dict[str, str], str]) -> N
     assert all(r.info.status == "FINISHED" for r in [parent, *children])
     assert parent.data.tags["git.commit"] != "unknown" and parent.data.tags["git.dirty"] == "false"
     assert "train/made/test_bpd" in parent.data.metrics
+    assert "adaptive/adaptive_pgd_e8/joint_success" in parent.data.metrics
     assert parent.data.params["data.dataset"] == "digits"
     made = next(r for r in children if r.data.tags["mlflow.runName"] == "train@made")
     assert made.data.tags["dvc.stage"] == "train@made"

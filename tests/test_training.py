@@ -10,8 +10,7 @@ from torch import Tensor
 from ardetect.io import staged_outputs
 from ardetect.models import build_model, load_model
 from ardetect.models.fvsbn import FVSBN, FVSBNConfig
-from ardetect.params import TrainParams
-from ardetect.training import NonFiniteLossError, evaluate_nll, fit, nats_to_bpd
+from ardetect.training import NonFiniteLossError, TrainParams, evaluate_nll, fit, nats_to_bpd
 
 CPU = torch.device("cpu")
 PARAMS = TrainParams(batch_size=32, epochs=6, lr=0.01, patience=10, progress=False, eval_batch_size=64)

@@ -10,6 +10,14 @@ Attacks, by name:
   setting; ``deepfool_norm="linf"`` picks the L∞ variant). Unbounded: its ``epsilon`` is ``None``.
 * ``cw``: Carlini-Wagner L2, a minimisation attack, unbounded, ``epsilon`` ``None``.
 
+Success is Foolbox's own verdict, minus the attack's failure sentinel, and then re-checked after
+rounding. Foolbox's ``L2CarliniWagnerAttack`` returns an all-zero image where it found no adversarial,
+and its success flag then only asks whether the classifier mislabels that black square (it calls it
+"sandal" on Fashion-MNIST), so a failed attack would count as a success. Every attack's output is
+checked for that sentinel (:func:`failure_sentinel`); such images are failures and stay out of every
+table. ``noise`` is a control, not an attack: detection scores every noisy image, whatever the
+classifier says of it.
+
 Fixed-ε attacks are called once per batch over the whole list of ε. Each ε (or ``None``) gives one
 :class:`AttackResult`. A density model can only score 8-bit images, so with ``round_to_8bit`` the
 adversarial images are rounded to the nearest of the 256 gray levels and success is re-checked on the
@@ -44,9 +52,9 @@ from pydantic import (
 from torch import nn
 from tqdm.auto import tqdm
 
+from ardetect.attacksets import AttackSet
 from ardetect.classifier import ArrayLike, as_labels, predict, seeded
 from ardetect.configs import config_dataclass
-from ardetect.report import format_epsilon
 
 FIXED_EPSILON_ATTACKS = ("fgsm", "pgd", "noise")
 MINIMIZATION_ATTACKS = ("deepfool", "cw", "cw_conf")  # cw_conf: Carlini-Wagner at cw_high_confidence
@@ -118,9 +126,11 @@ class AttackResult:
 
     ``adversarial`` holds the images as they are scored: uint8 gray levels (N, 1, H, W) when rounded,
     float32 in [0, 1] otherwise. ``before_rounding`` is Foolbox's output (within the threat model),
-    ``success_before_rounding`` Foolbox's verdict on it, and ``success``/``prediction`` the classifier's
-    verdict on ``adversarial``. ``seconds_per_image`` is the wall time of the Foolbox call that made
-    this result (shared by all ε of one fixed-ε call) divided by N.
+    ``failed`` marks Foolbox's failure sentinel (an all-zero image, see :func:`failure_sentinel`),
+    ``success_before_rounding`` is Foolbox's verdict on its output and not ``failed``, and ``success``
+    additionally requires the classifier to be fooled by ``adversarial`` (``prediction``).
+    ``seconds_per_image`` is the wall time of the Foolbox call that made this result (shared by all ε
+    of one fixed-ε call) divided by N.
     """
 
     attack: str
@@ -129,6 +139,7 @@ class AttackResult:
     before_rounding: np.ndarray
     success_before_rounding: np.ndarray
     success: np.ndarray
+    failed: np.ndarray
     prediction: np.ndarray
     linf: np.ndarray
     l2: np.ndarray
@@ -137,9 +148,13 @@ class AttackResult:
     seconds_per_image: float
 
     @property
+    def attack_set(self) -> AttackSet:
+        return AttackSet(self.attack, self.epsilon)
+
+    @property
     def name(self) -> str:
         """``"pgd ε=8/255"`` (or ``"pgd ε=0.1"`` off the 1/255 grid); ``"cw"`` when unbounded."""
-        return self.attack if self.epsilon is None else f"{self.attack} ε={format_epsilon(self.epsilon)}"
+        return self.attack_set.label
 
 
 def build_attack(name: str, config: AttackConfig) -> fb.Attack:
@@ -171,6 +186,20 @@ def _check_uint8_images(images: ArrayLike) -> torch.Tensor:
             f"images must be uint8 gray levels of shape (N, C, H, W), got {x.dtype} of shape {tuple(x.shape)}"
         )
     return x
+
+
+def failure_sentinel(clean: np.ndarray, output: np.ndarray, epsilon: float | None) -> np.ndarray:
+    """(N,) True where an attack returned its "nothing found" image: all zeros, for an original that is
+    not within ``epsilon`` (L∞; unbounded: any original that is not itself all zero) of black.
+
+    Foolbox's Carlini-Wagner starts from ``zeros_like(x)`` and returns that where no step was
+    adversarial; a genuine adversarial is never exactly black (CW's tanh box cannot reach 0 on every
+    pixel), and a bounded attack cannot reach black from a brighter image.
+    """
+    flat_out = output.reshape(len(output), -1)  # (N, D)
+    flat_clean = clean.reshape(len(clean), -1)  # (N, D)
+    reach = 0.0 if epsilon is None else epsilon
+    return np.asarray((flat_out == 0).all(1) & (flat_clean.max(1, initial=0.0) > reach + 1e-6))
 
 
 def _norms(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +241,8 @@ def run_attacks(
         per_image = (time.perf_counter() - start) / max(len(x_all), 1)
         for k, eps in enumerate(epsilons):
             raw = np.concatenate(advs[k]).astype(np.float32)  # (N, C, H, W) in [0, 1]
+            failed = failure_sentinel(clean, raw, eps)
+            foolbox_success = np.concatenate(succ[k]).astype(bool) & ~failed
             if config.round_to_8bit:
                 adversarial: np.ndarray = np.rint(raw * 255.0).clip(0, 255).astype(np.uint8)
                 scored = adversarial.astype(np.float32) / 255.0
@@ -226,8 +257,9 @@ def run_attacks(
                     epsilon=eps,
                     adversarial=adversarial,
                     before_rounding=raw,
-                    success_before_rounding=np.concatenate(succ[k]).astype(bool),
-                    success=pred != y_all.numpy(),
+                    success_before_rounding=foolbox_success,
+                    success=foolbox_success & (pred != y_all.numpy()),
+                    failed=failed,
                     prediction=pred,
                     linf=linf,
                     l2=l2,
@@ -240,17 +272,20 @@ def run_attacks(
 
 
 def attack_summary(results: Sequence[AttackResult]) -> pd.DataFrame:
-    """One row per attack and ε: success rates before/after rounding, mean norms of successes, time."""
+    """One row per attack and ε: success rates before/after rounding, failure sentinels (count), mean
+    norms of the successes (after rounding), time."""
     rows: list[dict[str, Any]] = []
     for r in results:
         ok = r.success
         rows.append(
             {
+                "set": r.attack_set.slug,
                 "attack": r.attack,
                 "epsilon": np.nan if r.epsilon is None else r.epsilon,
                 "n": len(ok),
                 "success_before_rounding": float(r.success_before_rounding.mean()) if len(ok) else np.nan,
                 "success_after_rounding": float(ok.mean()) if len(ok) else np.nan,
+                "failed": int(r.failed.sum()),
                 "mean_linf": float(r.linf[ok].mean()) if ok.any() else np.nan,
                 "mean_l2": float(r.l2[ok].mean()) if ok.any() else np.nan,
                 "seconds_per_image": r.seconds_per_image,
@@ -320,11 +355,3 @@ def adversarial_figure(
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
-
-
-def set_name(attack: str, epsilon: float | None) -> str:
-    """A file- and metric-safe name for one attack at one ε: ``pgd_e8`` (8/255), ``pgd_e0.3``, ``cw``."""
-    if epsilon is None or np.isnan(epsilon):
-        return attack
-    levels = epsilon * 255
-    return f"{attack}_e{round(levels)}" if abs(levels - round(levels)) < 1e-6 else f"{attack}_e{epsilon:g}"

@@ -2,8 +2,9 @@
 
 ``ardetect score IMAGE...`` gives each image's bits per dimension (BPD) under a trained density model,
 its PixelDefend p-value against the model's ``train_ref`` rows of the score table and a verdict at the
-threshold that gives ``--fpr`` false positives on the model's clean ``val`` rows. ``ardetect report``
-prints where the report and its figures are and the AUROC of every model × attack set.
+threshold that gives ``--fpr`` false positives on the model's clean ``calib`` rows (test-pool images).
+``ardetect report`` prints where the report and its figures are and the AUROC of every model × attack
+set.
 
 Both read a project built by ``dvc repro`` (``--root``, default the current folder). Exit codes: 0 on
 success, 1 when pipeline outputs are missing (run ``dvc repro``), 2 on usage or input-file errors.
@@ -178,7 +179,7 @@ def resolve_model(params: Params, root: Path, name: str | None = None) -> str:
 
 
 def reference_scores(root: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
-    """The model's ``train_ref`` and ``val`` BPDs from the score table."""
+    """The model's ``train_ref`` and ``calib`` BPDs from the score table."""
     import pandas as pd
 
     path = root / SCORES
@@ -187,7 +188,7 @@ def reference_scores(root: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
     table = pd.read_parquet(path, columns=["source", "model", "bpd"])
     rows = table[table["model"] == model]
     out = []
-    for source in ("train_ref", "val"):
+    for source in ("train_ref", "calib"):
         bpd = rows.loc[rows["source"] == source, "bpd"].to_numpy(np.float64)
         if not len(bpd):
             raise NotBuiltError(f"the score table {path} has no {source!r} rows for model {model!r}; {REPRO}")
@@ -219,7 +220,7 @@ def verdicts(
     val: np.ndarray,
     fpr: float,
 ) -> list[Verdict]:
-    """P-values against ``train_ref`` and verdicts at the ``fpr`` threshold on ``val`` (flag: bpd > t)."""
+    """P-values against ``train_ref`` and verdicts at the ``fpr`` threshold on ``calib`` (flag: bpd > t)."""
     from ardetect.detection import pvalues, threshold_at_fpr
 
     threshold = threshold_at_fpr(val, fpr)
@@ -262,7 +263,8 @@ def format_verdicts(rows: Sequence[Verdict], n_ref: int, n_val: int, levels: int
     kind = f"{levels} levels" + (f", {binarization} binarization" if levels == 2 else "")
     head = (
         f"model {rows[0].model} ({kind})"
-        f": threshold {rows[0].threshold:.4f} bits/dim at {100 * rows[0].fpr:g}% FPR on {n_val} val images,"
+        f": threshold {rows[0].threshold:.4f} bits/dim at {100 * rows[0].fpr:g}% FPR"
+        f" on {n_val} clean calibration images,"
         f" p-values against {n_ref} train_ref images"
     )
     table = [("file", "bpd", "±se", "p-value", "threshold", "verdict")] + [
@@ -431,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score images: BPD, p-value and verdict",
         description="BPD of each image under a trained model, its PixelDefend p-value against the model's "
         "train_ref scores, and a verdict at the threshold that gives --fpr false positives on the model's "
-        "clean val scores (flagged when BPD > threshold).",
+        "clean calibration scores (flagged when BPD > threshold).",
     )
     score.add_argument(
         "images",
@@ -447,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--root", default=".", help=root_help)
     score.add_argument(
-        "--fpr", type=_fpr, default=0.05, help="false-positive rate on clean val images (default: 0.05)"
+        "--fpr",
+        type=_fpr,
+        default=0.05,
+        help="false-positive rate on clean calibration images (default: 0.05)",
     )
     score.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     score.set_defaults(func=cmd_score)

@@ -3,17 +3,20 @@
 Convention, used everywhere in this module:
 
 * **positive** = an adversarial image whose attack succeeded after rounding to 8 bits
-  (``source == "adversarial"`` and ``success``);
+  (``source == "adversarial"`` and ``success``); for a control set (noise) every image;
 * **negative** = the clean original of the same test image (``source == "test"``, same ``model`` and
-  ``image_id``), so positives and negatives are paired, ``n_neg == n_pos``;
+  ``image_id``), so positives and negatives are paired, ``n_neg == n_pos``, and the bootstrap
+  resamples *pairs*;
 * **score** = BPD; a higher BPD is more suspicious (an image is flagged when ``bpd > threshold``).
 
 The score table has one row per (model, image): the columns in :data:`COLUMNS`, ``source`` one of
-:data:`SOURCES`. ``train_ref`` rows are the training images that p-values are ranked against, ``val`` rows
-clean validation images that fix the threshold at a target false-positive rate. ``attack`` and
-``epsilon`` are set on adversarial rows only (``epsilon`` NaN for unbounded attacks); ``success`` is the
-success after rounding. P-values use the conservative form ``p = (1 + #{ref >= s}) / (n_ref + 1)``
-(PixelDefend's rank of an image's BPD among training images, never exactly 0).
+:data:`SOURCES`. ``train_ref`` rows are the training images that p-values are ranked against; ``calib``
+rows are clean *test-distribution* images, disjoint from every ``test`` row, that fix the threshold at a
+target false-positive rate (so the rate realized on the clean originals, reported as ``fpr``, is the
+target up to sampling error). ``attack`` and ``epsilon`` are set on adversarial rows only (``epsilon``
+NaN for unbounded attacks); ``success`` is the success after rounding. P-values use the conservative
+form ``p = (1 + #{ref >= s}) / (n_ref + 1)`` (PixelDefend's rank of an image's BPD among training
+images, never exactly 0).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from scipy.stats import rankdata
+from scipy.stats import bootstrap, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from ardetect.attacksets import AttackSet
 
 COLUMNS = (
     "image_id",
@@ -39,8 +44,10 @@ COLUMNS = (
     "prediction",
     "success",
 )
-SOURCES = ("train_ref", "val", "test", "adversarial")
-CLEAN_SOURCES = ("train_ref", "val", "test")
+SOURCES = ("train_ref", "calib", "test", "adversarial")
+CLEAN_SOURCES = ("train_ref", "calib", "test")
+#: Cells with fewer positives than this are flagged in reports and kept out of headline tables.
+MIN_CELL = 30
 
 
 class RocCurve(NamedTuple):
@@ -76,34 +83,62 @@ def _auroc_rows(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return np.asarray(u / (neg.shape[1] * m))
 
 
+def _auroc_statistic(neg: np.ndarray, pos: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC along ``axis`` for any batch shape (the vectorized statistic ``scipy.stats.bootstrap`` calls)."""
+    neg, pos = np.moveaxis(neg, axis, -1), np.moveaxis(pos, axis, -1)
+    batch = neg.shape[:-1]
+    return _auroc_rows(neg.reshape(-1, neg.shape[-1]), pos.reshape(-1, pos.shape[-1])).reshape(batch)
+
+
 def bootstrap_auroc_ci(
     scores_neg: ArrayLike,
     scores_pos: ArrayLike,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    paired: bool = True,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the AUROC, resampling each class with replacement (stratified)."""
+    """Percentile bootstrap CI of the AUROC.
+
+    ``paired`` (the default, for adversarials and their own clean originals): ``neg[i]`` and ``pos[i]``
+    are one image before and after the attack, so resample image indices and keep the pairs together
+    (``scipy.stats.bootstrap(paired=True)``). Resampling the two groups independently ignores the
+    positive correlation of a pair's BPDs and gives intervals several times too wide.
+    ``paired=False`` resamples each class on its own (independent samples).
+    """
     neg, pos = _scores(scores_neg, "scores_neg"), _scores(scores_pos, "scores_pos")
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 4_000_000 // (len(neg) + len(pos)))  # bounds memory to a few 10s of MB
-    aucs = []
-    for start in range(0, n_boot, chunk):
-        r = min(chunk, n_boot - start)
-        bn = neg[rng.integers(0, len(neg), (r, len(neg)))]  # (r, n)
-        bp = pos[rng.integers(0, len(pos), (r, len(pos)))]  # (r, m)
-        aucs.append(_auroc_rows(bn, bp))
-    low, high = np.quantile(np.concatenate(aucs), [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
+    if paired and len(neg) != len(pos):
+        raise ValueError(
+            f"paired scores need equal lengths, got {len(neg)} negatives and {len(pos)} positives"
+        )
+    if len(neg) < 2 or len(pos) < 2:
+        return float("nan"), float("nan")
+    res = bootstrap(
+        (neg, pos),
+        _auroc_statistic,
+        paired=paired,
+        vectorized=True,
+        n_resamples=n_boot,
+        batch=max(1, 2_000_000 // (len(neg) + len(pos))),  # bounds memory to a few 10s of MB
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def threshold_at_fpr(val_clean_scores: ArrayLike, fpr: float = 0.05) -> float:
-    """Threshold t with at most ``fpr`` of the clean validation scores above it (flag when ``bpd > t``)."""
-    val = _scores(val_clean_scores, "val_clean_scores")
+def threshold_at_fpr(calib_clean_scores: ArrayLike, fpr: float = 0.05) -> float:
+    """Threshold t with at most ``fpr`` of the clean calibration scores above it (flag when ``bpd > t``).
+
+    Calibrate on clean images from the distribution the negatives come from (the test pool), disjoint
+    from the images that are evaluated, and report the FPR realized on those (:func:`tpr_at_threshold`
+    of the negatives).
+    """
+    val = _scores(calib_clean_scores, "calib_clean_scores")
     if not 0 < fpr < 1:
         raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
     return float(np.quantile(val, 1 - fpr, method="higher"))
@@ -164,28 +199,45 @@ def validate_scores(scores: pd.DataFrame) -> pd.DataFrame:
 
 class DetectionGroup(NamedTuple):
     model: str
-    attack: str
-    epsilon: float
+    attack_set: AttackSet
     neg: np.ndarray
     pos: np.ndarray
 
+    @property
+    def attack(self) -> str:
+        return self.attack_set.attack
+
+    @property
+    def epsilon(self) -> float:
+        """ε, NaN when unbounded (table convention)."""
+        return self.attack_set.epsilon_or_nan
+
 
 def detection_groups(scores: pd.DataFrame) -> Iterator[DetectionGroup]:
-    """Per model × attack × epsilon: paired clean (negative) and successful adversarial (positive) BPD."""
+    """Per model × attack set (in report order): paired clean (negative) and adversarial (positive) BPD.
+
+    Positives are the successful adversarials; for a control set (noise) every image, since a control
+    measures what any perturbation of that size does to BPD and must not be filtered by the classifier.
+    """
     df = validate_scores(scores)
     for model, per_model in df.groupby("model", sort=False):
         test = per_model[per_model["source"] == "test"].set_index("image_id")["bpd"]
         adv = per_model[per_model["source"] == "adversarial"]
-        for (attack, eps), group in adv.groupby(["attack", "epsilon"], sort=False, dropna=False):
-            hits = group[group["success"].fillna(False).astype(bool)]
+        groups = {
+            AttackSet.of(attack, eps): group
+            for (attack, eps), group in adv.groupby(["attack", "epsilon"], sort=False, dropna=False)
+        }
+        for attack_set in sorted(groups, key=lambda a: a.sort_key):
+            group = groups[attack_set]
+            hits = group if attack_set.is_control else group[group["success"].fillna(False).astype(bool)]
             orphans = sorted(set(hits["image_id"]) - set(test.index))
             if orphans:
                 raise ValueError(
-                    f"model {model!r}, attack {attack!r}: adversarial image_ids without a clean 'test' row, "
-                    f"e.g. {orphans[:5]}"
+                    f"model {model!r}, set {attack_set.slug!r}: adversarial image_ids without a clean 'test' "
+                    f"row, e.g. {orphans[:5]}"
                 )
             neg = test.loc[hits["image_id"]].to_numpy(dtype=np.float64)
-            yield DetectionGroup(str(model), str(attack), float(eps), neg, hits["bpd"].to_numpy(np.float64))
+            yield DetectionGroup(str(model), attack_set, neg, hits["bpd"].to_numpy(np.float64))
 
 
 def with_pvalues(scores: pd.DataFrame) -> pd.DataFrame:
@@ -204,6 +256,15 @@ def _pct(x: float) -> str:
     return f"{100 * x:g}"
 
 
+def _reference_rows(per_model: pd.DataFrame, model: str) -> tuple[pd.Series, pd.Series]:
+    calib = per_model.loc[per_model["source"] == "calib", "bpd"]
+    ref = per_model.loc[per_model["source"] == "train_ref", "bpd"]
+    for what, part in (("calib", calib), ("train_ref", ref)):
+        if part.empty:
+            raise ValueError(f"model {model!r} has no {what!r} rows; the detection table needs them")
+    return calib, ref
+
+
 def detection_table(
     scores: pd.DataFrame,
     fpr: float = 0.05,
@@ -212,36 +273,36 @@ def detection_table(
     seed: int = 0,
     level: float = 0.95,
 ) -> pd.DataFrame:
-    """One row per model × attack × epsilon with AUROC [CI], TPR at ``fpr`` and p-value detection rates.
+    """One row per model × attack set with AUROC [paired CI], TPR and realized FPR at the calibrated
+    threshold, and p-value detection rates.
 
-    Each model needs ``val`` rows (for the threshold) and ``train_ref`` rows (for p-values). Groups
-    without a successful adversarial image keep their row with ``n_pos = 0`` and NaN metrics.
-    Columns: model, attack, epsilon, n_pos, n_neg, auroc, ci_low, ci_high, ci_level, tpr_at_{100*fpr}fpr (e.g.
-    ``tpr_at_5fpr``), threshold, alpha, pvalue_detection_rate (adversarials with p < alpha), pvalue_fpr
-    (clean originals with p < alpha), bpd_clean_mean, bpd_adv_mean.
+    Each model needs ``calib`` rows (the threshold: at most ``fpr`` of them above it) and ``train_ref``
+    rows (p-values). Groups without a positive keep their row with ``n_pos = 0`` and NaN metrics.
+    Columns: model, set, attack, epsilon, n_pos, n_neg, small (``n_pos < MIN_CELL``), auroc, ci_low,
+    ci_high, ci_level, tpr_at_{100*fpr}fpr (e.g. ``tpr_at_5fpr``), fpr (the rate realized on this
+    group's clean originals at that threshold), threshold, alpha, pvalue_detection_rate (positives
+    with p < alpha), pvalue_fpr (clean originals with p < alpha), bpd_clean_mean, bpd_adv_mean.
     """
     df = validate_scores(scores)
     tpr_col = f"tpr_at_{_pct(fpr)}fpr"
     rows = []
     for g in detection_groups(df):
-        per_model = df[df["model"] == g.model]
-        val = per_model.loc[per_model["source"] == "val", "bpd"]
-        ref = per_model.loc[per_model["source"] == "train_ref", "bpd"]
-        for what, part in (("val", val), ("train_ref", ref)):
-            if part.empty:
-                raise ValueError(f"model {g.model!r} has no {what!r} rows; the detection table needs them")
-        threshold = threshold_at_fpr(val, fpr)
-        row = {
+        calib, ref = _reference_rows(df[df["model"] == g.model], g.model)
+        threshold = threshold_at_fpr(calib, fpr)
+        row: dict[str, object] = {
             "model": g.model,
+            "set": g.attack_set.slug,
             "attack": g.attack,
             "epsilon": g.epsilon,
             "n_pos": len(g.pos),
             "n_neg": len(g.neg),
+            "small": len(g.pos) < MIN_CELL,
             "auroc": np.nan,
             "ci_low": np.nan,
             "ci_high": np.nan,
             "ci_level": level,
             tpr_col: np.nan,
+            "fpr": np.nan,
             "threshold": threshold,
             "alpha": alpha,
             "pvalue_detection_rate": np.nan,
@@ -250,11 +311,12 @@ def detection_table(
             "bpd_adv_mean": np.nan,
         }
         if len(g.pos):
-            low, high = bootstrap_auroc_ci(g.neg, g.pos, n_boot, seed, level)
+            low, high = bootstrap_auroc_ci(g.neg, g.pos, n_boot, seed, level, paired=True)
             row.update(
                 auroc=roc(g.neg, g.pos).auroc,
                 ci_low=low,
                 ci_high=high,
+                fpr=tpr_at_threshold(g.neg, threshold),
                 pvalue_detection_rate=pvalue_detection_rate(g.pos, ref, alpha),
                 pvalue_fpr=pvalue_detection_rate(g.neg, ref, alpha),
                 bpd_clean_mean=float(g.neg.mean()),
@@ -263,3 +325,72 @@ def detection_table(
             )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def realized_fpr(scores: pd.DataFrame, fpr: float = 0.05) -> pd.DataFrame:
+    """Per model: the calibrated threshold and the false-positive rate it realizes on every clean
+    ``test`` row (disjoint from ``calib``), next to the target; columns model, n_calib, n_test,
+    threshold, target_fpr, fpr."""
+    df = validate_scores(scores)
+    rows = []
+    for model, per_model in df.groupby("model", sort=False):
+        calib, _ = _reference_rows(per_model, str(model))
+        test = per_model.loc[per_model["source"] == "test", "bpd"]
+        threshold = threshold_at_fpr(calib, fpr)
+        rows.append(
+            {
+                "model": model,
+                "n_calib": len(calib),
+                "n_test": len(test),
+                "threshold": threshold,
+                "target_fpr": fpr,
+                "fpr": tpr_at_threshold(test, threshold) if len(test) else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def attack_outcomes(
+    scores: pd.DataFrame, model: str, sets: list[AttackSet], image_ids: ArrayLike, fpr: float = 0.05
+) -> pd.DataFrame:
+    """What each attack set achieves against ``model``'s detector on the same images (``image_ids``).
+
+    Per set: ``n``; ``classifier_success`` (fooled after rounding); ``evasion_rate`` (BPD at or under the
+    calibrated threshold, i.e. not flagged); ``joint_success`` (both: the attack's real goal against the
+    defended system); and the detector on the successful ones against their clean originals: ``n_pos``,
+    ``auroc``, ``tpr`` (at the threshold). Comparing an adaptive set with its oblivious counterpart on the
+    same originals shows what knowing the detector buys the attacker.
+    """
+    df = validate_scores(scores)
+    per_model = df[df["model"] == model]
+    calib, _ = _reference_rows(per_model, model)
+    threshold = threshold_at_fpr(calib, fpr)
+    ids = np.asarray(image_ids)
+    adv = per_model[(per_model["source"] == "adversarial") & per_model["image_id"].isin(ids)]
+    clean = per_model[per_model["source"] == "test"].set_index("image_id")["bpd"]
+    rows = []
+    for attack_set in sets:
+        part = adv[(adv["attack"] == attack_set.attack) & _epsilon_is(adv["epsilon"], attack_set.epsilon)]
+        success = part["success"].fillna(False).to_numpy(bool)
+        bpd = part["bpd"].to_numpy(np.float64)
+        evaded = bpd <= threshold
+        pos, neg = bpd[success], clean.loc[part["image_id"][success]].to_numpy(np.float64)
+        rows.append(
+            {
+                "set": attack_set.slug,
+                "n": len(part),
+                "classifier_success": success.mean() if len(part) else np.nan,
+                "evasion_rate": evaded.mean() if len(part) else np.nan,
+                "joint_success": (success & evaded).mean() if len(part) else np.nan,
+                "n_pos": len(pos),
+                "auroc": roc(neg, pos).auroc if len(pos) else np.nan,
+                "tpr": tpr_at_threshold(pos, threshold) if len(pos) else np.nan,
+                "threshold": threshold,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _epsilon_is(column: pd.Series, epsilon: float | None) -> pd.Series:
+    values = column.astype(np.float64)
+    return values.isna() if epsilon is None else np.isclose(values, epsilon, rtol=0, atol=1e-9)

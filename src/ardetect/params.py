@@ -19,27 +19,25 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     Field,
-    NonNegativeFloat,
     NonNegativeInt,
-    PositiveFloat,
     PositiveInt,
     TypeAdapter,
     ValidationError,
 )
 
+from ardetect.adaptive import AdaptiveConfig
 from ardetect.attacks import AttackConfig
 from ardetect.classifier import ClassifierConfig
 from ardetect.configs import config_dataclass
 from ardetect.scoring import ScoreConfig
+from ardetect.tracking import TrackingParams  # tracking and training own their sections; composed here
+from ardetect.training import Device, TrainParams
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class ParamsError(ValueError):
     """params.yaml has unknown keys, wrong types or out-of-range values (all listed in the message)."""
-
-
-Device = Literal["auto", "cpu", "cuda"]
 
 
 @config_dataclass
@@ -60,27 +58,6 @@ class BinarizeParams:
     threshold: Fraction = 0.5
     resample_train: bool = True
     seed: NonNegativeInt = 0
-
-
-@config_dataclass
-class TrainParams:
-    batch_size: PositiveInt = 128
-    eval_batch_size: PositiveInt = 1000
-    epochs: PositiveInt = 10
-    lr: PositiveFloat = 1e-3
-    lr_schedule: Literal["cosine", "plateau", "constant"] = "cosine"
-    weight_decay: NonNegativeFloat = 0.0
-    grad_clip: PositiveFloat | None = 1.0
-    patience: PositiveInt = 3
-    max_train_images: PositiveInt | None = None
-    max_minutes: PositiveFloat | None = None
-    seed: NonNegativeInt = 0
-    device: Device = "auto"
-    amp: bool = True
-    compile: bool = False
-    channels_last: bool = False  # conv models on CUDA: measured +6-8% PixelCNN training on an H200
-    num_samples: PositiveInt = 64
-    progress: bool = True
 
 
 @config_dataclass
@@ -113,26 +90,27 @@ class AttackParams(AttackConfig):
 @config_dataclass
 class ScoreParams(ScoreConfig):
     num_test: PositiveInt = 500  # first N clean test images (plus every attacked original)
-    num_val: PositiveInt = 500  # clean validation images: they fix the detection threshold
+    num_calib: PositiveInt = 1000  # clean test images, disjoint from the evaluated: fix the threshold
     num_train_ref: PositiveInt = 500  # training images: the reference distribution for p-values
     device: Device = "auto"
     progress: bool = True
 
 
 @config_dataclass
+class AdaptiveParams(AdaptiveConfig):
+    model: str | None = None  # the 8-bit density model whose detector is attacked (None: no adaptive sets)
+    num_images: PositiveInt = 100  # the first N originals of the oblivious attacks (paired with them)
+    device: Device = "auto"
+    progress: bool = True
+
+
+@config_dataclass
 class DetectParams:
-    fpr: Fraction = 0.05  # target false-positive rate on clean validation images
+    fpr: Fraction = 0.05  # target false-positive rate, calibrated on clean test images (score.num_calib)
     alpha: Fraction = 0.05  # p-value level (PixelDefend)
     n_boot: PositiveInt = 1000  # bootstrap resamples for the AUROC interval
     level: Fraction = 0.95
     seed: NonNegativeInt = 0
-
-
-@config_dataclass
-class TrackingParams:
-    uri: str | None = None
-    experiment: str = "ardetect"
-    log_models: bool = True
 
 
 @config_dataclass
@@ -144,6 +122,7 @@ class Params:
     classifier: ClassifierParams = dataclasses.field(default_factory=ClassifierParams)
     attack: AttackParams = dataclasses.field(default_factory=AttackParams)
     score: ScoreParams = dataclasses.field(default_factory=ScoreParams)
+    adaptive: AdaptiveParams = dataclasses.field(default_factory=AdaptiveParams)
     detect: DetectParams = dataclasses.field(default_factory=DetectParams)
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
@@ -202,6 +181,23 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
                 f"train.models[{i}] = {name!r}: no such entry under models "
                 f"(defined: {', '.join(params.models) or 'none'})"
             )
+    target = params.adaptive.model
+    if target is None:
+        pass
+    elif target not in params.train.models:
+        problems.append(
+            f"adaptive.model = {target!r}: not a trained model "
+            f"(train.models: {', '.join(params.train.models)})"
+        )
+    elif params.models[target].levels != 256:
+        problems.append(
+            f"adaptive.model = {target!r}: the adaptive attack needs an 8-bit model (levels: 256)"
+        )
+    if params.adaptive.num_images > params.attack.num_images:
+        problems.append(
+            f"adaptive.num_images = {params.adaptive.num_images}: at most attack.num_images = "
+            f"{params.attack.num_images} (the adaptive sets reuse the oblivious attacks' originals)"
+        )
     for name, entry in params.models.items():
         if entry.arch not in REGISTRY:
             problems.append(

@@ -11,26 +11,17 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy.stats import gaussian_kde
 
-from ardetect.detection import DetectionGroup, detection_groups, roc, with_pvalues
-
-
-def format_epsilon(epsilon: float | None) -> str:
-    """``8/255`` for ε on the 1/255 grid, ``0.1`` otherwise, ``—`` for unbounded (None or NaN)."""
-    if epsilon is None or math.isnan(epsilon):
-        return "—"
-    levels = epsilon * 255
-    return f"{round(levels)}/255" if abs(levels - round(levels)) < 1e-6 else f"{epsilon:.4g}"
-
-
-def group_label(attack: str, epsilon: float) -> str:
-    return attack if math.isnan(epsilon) else f"{attack} ε={format_epsilon(epsilon)}"
+from ardetect.attacksets import CONTROLS, AttackSet, format_epsilon
+from ardetect.detection import MIN_CELL, DetectionGroup, attack_outcomes, detection_groups, roc, with_pvalues
 
 
 def _grid(n: int, ncols: int, size: float = 3.6) -> tuple[Figure, list[Axes]]:
@@ -62,7 +53,7 @@ def roc_figure(scores: pd.DataFrame) -> Figure:
         for g in gs:
             if len(g.pos):
                 curve = roc(g.neg, g.pos)
-                ax.plot(curve.fpr, curve.tpr, label=f"{group_label(g.attack, g.epsilon)} ({curve.auroc:.3f})")
+                ax.plot(curve.fpr, curve.tpr, label=f"{g.attack_set.label} ({curve.auroc:.3f})")
         ax.set(title=model, xlabel="false-positive rate (clean)", ylabel="true-positive rate (adversarial)")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
@@ -70,33 +61,34 @@ def roc_figure(scores: pd.DataFrame) -> Figure:
     return fig
 
 
-def bpd_histogram_figure(scores: pd.DataFrame, bins: int = 40) -> Figure:
-    """Rows = models, columns = attack × ε: BPD of the clean originals against their adversarial versions."""
+def bpd_density_figure(scores: pd.DataFrame) -> Figure:
+    """One panel per model (PixelDefend's figure): BPD densities of the clean originals and of each
+    attack family at its smallest ε, overlaid (Gaussian KDE; a family with < 2 distinct values is a rug)."""
     groups = _by_model(scores)
     if not groups:
-        raise ValueError("the score table has no adversarial rows to draw BPD histograms for")
-    ncols = max(len(gs) for gs in groups.values())
-    fig = Figure(figsize=(3.0 * ncols, 2.4 * len(groups)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(groups), ncols, squeeze=False)
-    for i, (model, gs) in enumerate(groups.items()):
-        for j in range(ncols):
-            ax = axes[i, j]
-            if j >= len(gs):
-                ax.set_visible(False)
-                continue
-            g = gs[j]
-            ax.set_title(f"{model}: {group_label(g.attack, g.epsilon)}", fontsize=8)
+        raise ValueError("the score table has no adversarial rows to draw BPD densities for")
+    fig, axes = _grid(len(groups), ncols=3, size=4.2)
+    for ax, (model, gs) in zip(axes, groups.items()):
+        firsts: dict[str, DetectionGroup] = {}
+        for g in gs:  # report order: the smallest ε of each family comes first
             if len(g.pos):
-                edges = np.histogram_bin_edges(np.r_[g.neg, g.pos], bins=bins)
-                ax.hist(g.neg, bins=edges.tolist(), alpha=0.5, density=True, label="clean")
-                ax.hist(g.pos, bins=edges.tolist(), alpha=0.5, density=True, label="adversarial")
-                ax.legend(fontsize=7)
-            else:
-                ax.text(
-                    0.5, 0.5, "no successful\nadversarials", ha="center", va="center", transform=ax.transAxes
-                )
-            ax.set_xlabel("BPD", fontsize=8)
+                firsts.setdefault(g.attack, g)
+        clean = np.unique(np.concatenate([g.neg for g in gs]))
+        curves = [("clean originals", clean, "black")] + [
+            (f"{g.attack_set.label} (n={len(g.pos)})", g.pos, None) for g in firsts.values()
+        ]
+        values = np.concatenate([v for _, v, _ in curves])
+        lo, hi = np.quantile(values, [0.002, 0.998])
+        grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 400)
+        for label, v, color in curves:
+            if len(np.unique(v)) < 2:
+                ax.plot(v, np.zeros_like(v), "|", markersize=12, color=color, label=label)
+                continue
+            kw = {"color": color, "linewidth": 2.2} if color else {"linewidth": 1.4}
+            ax.plot(grid, gaussian_kde(v)(grid), label=label, **kw)
+        ax.set(title=model, xlabel="bits per dimension", ylabel="density")
+        ax.set_xlim(grid[0], grid[-1])
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -119,14 +111,15 @@ def pvalue_histogram_figure(scores: pd.DataFrame, bins: int = 20) -> Figure:
             color="black",
             label="clean test",
         )
-        adv = rows[(rows["source"] == "adversarial") & rows["success"].fillna(False).astype(bool)]
+        positive = rows["success"].fillna(False).astype(bool) | rows["attack"].isin(CONTROLS)
+        adv = rows[(rows["source"] == "adversarial") & positive]
         for (attack, eps), group in adv.groupby(["attack", "epsilon"], sort=False, dropna=False):
             ax.hist(
                 group["pvalue"],
                 bins=edges,
                 density=True,
                 histtype="step",
-                label=group_label(str(attack), float(eps)),
+                label=AttackSet.of(attack, eps).label,
             )
         ax.axvline(0.05, color="gray", linestyle=":")
         ax.set(title=model, xlabel="p-value (vs training BPD)", ylabel="density")
@@ -142,17 +135,26 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Pa
     return path
 
 
+SMALL_MARK = "†"
+
+
+def _set_label(table: pd.DataFrame) -> list[str]:
+    return [AttackSet.of(a, e).label for a, e in zip(table["attack"], table["epsilon"])]
+
+
 def format_detection_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The detection table as report columns: AUROC [CI], TPR at the target FPR, p-value rates, BPD means."""
+    """The detection table as report columns: AUROC [paired CI], TPR and realized FPR at the calibrated
+    threshold, p-value rates, BPD means; cells with n < MIN_CELL carry a dagger."""
     tpr_cols = [c for c in table.columns if c.startswith("tpr_at_")]
     levels = table["ci_level"].unique()
     ci = f"{100 * levels[0]:g}% CI" if len(levels) == 1 else "CI"
     out = pd.DataFrame(
         {
             "model": table["model"],
-            "attack": table["attack"],
-            "ε": [format_epsilon(e) for e in table["epsilon"]],
-            "n": table["n_pos"],
+            "set": _set_label(table),
+            "n": [
+                f"{n}{SMALL_MARK}" if small else str(n) for n, small in zip(table["n_pos"], table["small"])
+            ],
             f"AUROC [{ci}]": [
                 "—" if math.isnan(a) else f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
                 for a, lo, hi in zip(table["auroc"], table["ci_low"], table["ci_high"])
@@ -161,6 +163,7 @@ def format_detection_table(table: pd.DataFrame) -> pd.DataFrame:
     )
     for c in tpr_cols:
         out[c.replace("tpr_at_", "TPR@").replace("fpr", "%FPR")] = table[c]
+    out["FPR realized"] = table["fpr"]
     alphas = table["alpha"].unique()
     alpha = f"{alphas[0]:g}" if len(alphas) == 1 else "α"
     out[f"p<{alpha} adv"] = table["pvalue_detection_rate"]
@@ -168,6 +171,61 @@ def format_detection_table(table: pd.DataFrame) -> pd.DataFrame:
     out["BPD clean"] = table["bpd_clean_mean"]
     out["BPD adv"] = table["bpd_adv_mean"]
     return out
+
+
+def auroc_matrix(table: pd.DataFrame) -> pd.DataFrame:
+    """Models × attack sets (report order, ε numeric): AUROC as text; cells with n < MIN_CELL are shown
+    in parentheses with a dagger, empty cells as —."""
+    sets = sorted(
+        {AttackSet.of(a, e) for a, e in zip(table["attack"], table["epsilon"])}, key=lambda s: s.sort_key
+    )
+    models = list(dict.fromkeys(table["model"]))
+    cells = {(r.model, r.set): r for r in table.itertuples()}
+    out = pd.DataFrame(index=pd.Index(models, name="model"), columns=[s.label for s in sets], dtype=object)
+    for model in models:
+        for s in sets:
+            r = cells.get((model, s.slug))
+            if r is None or math.isnan(r.auroc):
+                out.loc[model, s.label] = "—"
+            else:
+                out.loc[model, s.label] = f"({r.auroc:.2f}){SMALL_MARK}" if r.small else f"{r.auroc:.3f}"
+    return out.reset_index()
+
+
+def adaptive_comparison(
+    scores: pd.DataFrame, meta: Mapping[str, Any], fpr: float
+) -> tuple[pd.DataFrame | None, str]:
+    """Each adaptive set next to its oblivious counterpart on the same originals, for the attacked model
+    (``meta``: the adaptive stage's metrics: model, threshold, scale); the table and its caption."""
+    adv = scores[(scores["source"] == "adversarial") & scores["attack"].str.startswith("adaptive_")]
+    if not meta or adv.empty:
+        return None, ""
+    model = meta["model"]
+    ids = adv.loc[adv["model"] == model, "image_id"].unique()
+    sets = sorted(
+        {AttackSet.of(a, e) for a, e in zip(adv["attack"], adv["epsilon"])}, key=lambda s: s.sort_key
+    )
+    pairs = [x for s in sets for x in (s.oblivious, s)]
+    table = attack_outcomes(scores, model, pairs, ids, fpr)
+    table.insert(0, "model", model)
+    headline = "; ".join(
+        f"{r['set']}: {r['joint_success']:.0%} fool the classifier *and* stay under τ "
+        f"(oblivious: {o['joint_success']:.0%})"
+        for (_, o), (_, r) in zip(table.iloc[::2].iterrows(), table.iloc[1::2].iterrows())
+    )
+    notes = (
+        f"The attacker knows the detector: {model}'s BPD and its threshold τ = {meta['threshold']:.4f} "
+        f"bits/dim ({fpr:.0%} FPR on clean calibration images), through Carlini & Wagner's K+1 logit "
+        f"(detected = max_k z_k + {meta['scale']:g} · (BPD − τ), the scale chosen by the strength sweep), "
+        f"with BPDA through the 8-bit rounding and each pixel's likelihood relaxed between levels. "
+        f"Same {len(ids)} originals for both rows of a pair. **{headline}.** `evasion_rate`: BPD ≤ τ "
+        "(not flagged); `joint_success`: classifier fooled and not flagged; `auroc`/`tpr`: the detector on "
+        "the successful ones against their clean originals."
+    )
+    return table, notes
+
+
+OUTS = Path("data/report"), Path("data/metrics/detection.json"), Path("data/plots/roc")
 
 
 def _markdown(df: pd.DataFrame) -> str:
@@ -182,37 +240,76 @@ def write_report(
     classifier: pd.DataFrame | None = None,
     attacks: pd.DataFrame | None = None,
     detection: pd.DataFrame | None = None,
+    adaptive: pd.DataFrame | None = None,
+    adaptive_notes: str = "",
+    fpr: pd.DataFrame | None = None,
     figures: Mapping[str, str | os.PathLike[str]] | None = None,
     title: str = "Detecting adversarial examples by bits per dimension",
     notes: str = "",
 ) -> Path:
-    """Write ``report.md``: classifier accuracy, attack success, detection metrics and figure links.
-
-    ``attacks`` is :func:`ardetect.attacks.attack_summary`'s table, ``detection``
-    :func:`ardetect.detection.detection_table`'s; ``figures`` maps captions to image paths, linked
-    relative to the report's folder.
-    """
+    """Write ``report.md``: the AUROC matrix first, then the oblivious-vs-adaptive comparison
+    (``adaptive``), the realized false-positive rates (``fpr``), classifier and attack tables, the
+    long detection table, and figure links (relative to the report's folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", ""]
     if notes:
         parts += [notes.strip(), ""]
+    small_note = (
+        f"{SMALL_MARK} fewer than {MIN_CELL} positives: too few to quote (kept out of headline tables)."
+    )
+    if detection is not None:
+        parts += [
+            "## AUROC by model and attack set",
+            "",
+            _markdown(auroc_matrix(detection)),
+            "",
+            small_note,
+            "",
+        ]
+    if adaptive is not None:
+        parts += ["## Oblivious vs adaptive attacks", ""]
+        if adaptive_notes:
+            parts += [adaptive_notes.strip(), ""]
+        parts += [_markdown(adaptive), ""]
+    if fpr is not None:
+        parts += [
+            "## False-positive rate realized on clean test images",
+            "",
+            "The threshold is set on clean calibration images drawn from the test pool and disjoint from "
+            "the evaluated ones; the rate below is measured on every evaluated clean test image.",
+            "",
+            _markdown(fpr),
+            "",
+        ]
     if classifier is not None:
         parts += ["## Classifier accuracy", "", _markdown(classifier), ""]
     if attacks is not None:
         if "epsilon" in attacks.columns:
             attacks = attacks.assign(epsilon=[format_epsilon(e) for e in attacks["epsilon"]])
-        parts += ["## Attack success (before / after rounding to 8 bits)", "", _markdown(attacks), ""]
+        parts += [
+            "## Attack success (before / after rounding to 8 bits)",
+            "",
+            "`failed`: images where the attack returned its failure sentinel (Carlini-Wagner's all-zero "
+            "image); they count as failures everywhere. Noise is a control: all its images are scored.",
+            "",
+            _markdown(attacks),
+            "",
+        ]
     if detection is not None:
         parts += [
             "## Detection by BPD",
             "",
-            "Positive = successful adversarial (after rounding), negative = its clean original, "
-            "score = BPD (higher = more suspicious). The TPR threshold is set on clean validation images; "
+            "Positive = successful adversarial (after rounding; every image for the noise control), "
+            "negative = its clean original, score = BPD (higher = more suspicious). AUROC intervals "
+            "resample (adversarial, original) pairs. The TPR threshold is set on clean calibration images "
+            "from the test pool; `FPR realized` is the rate it flags among this row's clean originals. "
             "p-values rank an image's BPD among training images (fraction of adversarial / clean images "
             "with p below the level).",
             "",
             _markdown(format_detection_table(detection)),
+            "",
+            small_note,
             "",
         ]
     if figures:

@@ -192,3 +192,25 @@ def score_table(
             )
         speed[name] = count / max(time.perf_counter() - start, 1e-9)
     return pd.concat(frames, ignore_index=True), speed
+
+
+def clean_test_pools(
+    correct: np.ndarray, attacked: np.ndarray, num_test: int, num_calib: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split the clean test pool: (``test`` indices, ``calib`` indices), disjoint and sorted.
+
+    ``test`` = the first ``num_test`` test images plus every attacked original (the paired negatives);
+    ``calib`` = ``num_calib`` of the remaining test images that the classifier gets right (``correct``,
+    a bool mask over the test split, as the attacked originals are), drawn with ``seed``. Thresholds set
+    on ``calib`` come from the negatives' distribution but never from the images they are tested on.
+    """
+    n = len(correct)
+    test = np.union1d(np.arange(min(num_test, n)), np.asarray(attacked, np.int64)).astype(np.int64)
+    pool = np.setdiff1d(np.flatnonzero(correct), test)
+    if len(pool) < num_calib:
+        raise ValueError(
+            f"score.num_calib = {num_calib} exceeds the {len(pool)} correctly classified test images left "
+            f"after the {len(test)} evaluated ones; lower score.num_calib or score.num_test in params.yaml"
+        )
+    calib = np.sort(np.random.default_rng(seed).choice(pool, num_calib, replace=False)).astype(np.int64)
+    return test, calib

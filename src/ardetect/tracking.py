@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from ardetect.params import TrackingParams
+from ardetect.configs import config_dataclass
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from an offline pipeline
 
@@ -42,6 +42,16 @@ def bound_mlflow_http_retries(environ: MutableMapping[str, str] = os.environ) ->
 
 
 bound_mlflow_http_retries()
+
+
+@config_dataclass
+class TrackingParams:
+    """``tracking`` in params.yaml."""
+
+    uri: str | None = None
+    experiment: str = "ardetect"
+    log_models: bool = True
+
 
 PIPELINE_TAG = "ardetect.pipeline_id"
 ENV_PIPELINE_ID = "ARDETECT_PIPELINE_ID"

@@ -80,11 +80,51 @@ class ARModel(nn.Module):
         return x.float() / (self.levels - 1)
 
     def check_input(self, x: Tensor) -> None:
+        """Reject a batch whose shape or encoding the model was not built for (ValueError).
+
+        Every likelihood from data (``log_prob``, ``bpd``, ``training_nll``) runs this exactly once;
+        ``forward`` does not (gradient tests and attacks feed it continuous inputs on purpose). ``x``
+        may have any real dtype (bool too) but must hold whole numbers in ``[0, levels)``: gray/255
+        floats given to a 256-level model, or gray levels given to a binary one, would otherwise score
+        as garbage. Cheap enough for the training loop: one or two reductions and one host sync.
+        """
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"{self.name} was built for images of shape {self.image_shape}, "
                 f"got a batch of shape {tuple(x.shape)}"
             )
+        if x.dtype == torch.bool or x.numel() == 0:
+            return  # bool holds 0/1 only, valid levels for every model
+        if x.is_complex():
+            raise self._encoding_error(f"a {x.dtype} tensor")
+        x = x.detach()
+        lo_t, hi_t = torch.aminmax(x)  # NaN propagates to both
+        if x.is_floating_point():
+            frac_t = x.frac().abs().amax()  # 0 for whole numbers; NaN for NaN/inf
+            lo, hi, frac = torch.stack([lo_t, hi_t, frac_t]).tolist()  # one host sync
+        else:
+            (lo, hi), frac = torch.stack([lo_t, hi_t]).tolist(), 0
+        if math.isnan(lo) or math.isnan(hi):
+            raise self._encoding_error("NaN values")
+        if not 0 <= lo <= hi < self.levels:
+            raise self._encoding_error(f"values in [{lo:g}, {hi:g}]")
+        if frac != 0:  # finite values in range, some not whole
+            raise self._encoding_error(f"non-integer floats in [{lo:g}, {hi:g}]", fractional=True)
+
+    def _encoding_error(self, got: str, fractional: bool = False) -> ValueError:
+        """The ValueError ``check_input`` raises: what the model expects, what it got, and the fix."""
+        score = "score gray images with ardetect.scoring.score_bpd"
+        if self.levels == 2:
+            expected = "binary pixels 0/1"
+            fix = f"binarize first (ardetect.data) or {score}"
+        else:
+            top = self.levels - 1
+            expected = f"integer gray levels 0..{top} (uint8, or floats holding whole numbers)"
+            if fractional:  # most likely gray/255 images
+                fix = f"multiply gray/{top} images by {top} and round, or {score}"
+            else:
+                fix = f"clip or re-quantize them to 0..{top}, or {score}"
+        return ValueError(f"{self.name} (levels={self.levels}) expects {expected}; got {got}: {fix}")
 
     def sequence_logits(self, out: Tensor) -> Tensor:
         """Per-position outputs (B, D, 1 or levels) in raster order, in the ``forward`` logits layout."""

@@ -106,6 +106,7 @@ class MADE(ARModel):
 
     def training_nll(self, x: Tensor) -> Tensor:
         """Order-agnostic training: each step uses the next mask in turn."""
+        self.check_input(x)
         if self.num_orderings > 1:  # switch before the forward pass: backward needs this step's masks
             self.select_ordering(self._train_steps % self.num_orderings)
             self._train_steps += 1

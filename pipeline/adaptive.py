@@ -1,0 +1,122 @@
+"""DVC stage `adaptive`: Foolbox attacks that know the detector (classifier + BPD threshold together).
+
+The threshold τ is the detector's own: ``detect.fpr`` on the clean calibration images of the score
+stage, under the 8-bit model ``adaptive.model``. A strength sweep (detected-logit scale, relaxed vs
+straight-through gradients, per-step BPD) picks the strongest scale; the sets ``adaptive_pgd_e<k>`` and
+``adaptive_cw`` then attack the first ``adaptive.num_images`` originals of the oblivious attacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from ardetect.adaptive import run_adaptive, strength_sweep, sweep_figure
+from ardetect.attacks import select_correct
+from ardetect.attacksets import AttackSet
+from ardetect.classifier import load_classifier, predict
+from ardetect.data import load_split
+from ardetect.detection import threshold_at_fpr
+from ardetect.io import staged_outputs, write_json
+from ardetect.models import load_model, trained_model_paths
+from ardetect.params import load_params
+from ardetect.report import save_figure
+from ardetect.scoring import clean_test_pools, score_bpd
+from ardetect.tracking import stage_run
+from ardetect.training import resolve_device
+
+DATA, MODELS, CLASSIFIER = Path("data/dataset"), Path("data/models"), Path("data/classifier/model.pt")
+OUTS = Path("data/adaptive"), Path("data/metrics/adaptive.json")
+
+
+def main() -> None:
+    params = load_params()
+    p = params.adaptive
+    if p.model is None:  # no detector to attack: empty outputs, so downstream stages see no adaptive sets
+        with staged_outputs(*OUTS) as (out, metrics_path):
+            out.mkdir()
+            write_json(metrics_path, {})
+        return
+    device = resolve_device(p.device)
+    density = load_model(trained_model_paths(MODELS, [p.model])[p.model]).to(device)
+    clf = load_classifier(CLASSIFIER, device)
+    test = load_split(DATA / "test.npz")
+    images, labels = test["images"], test["labels"]
+    attacked = select_correct(clf, images, labels, params.attack.num_images, param="attack.num_images")
+    _, calib = clean_test_pools(
+        predict(clf, images) == labels,
+        attacked,
+        params.score.num_test,
+        params.score.num_calib,
+        params.score.seed,
+    )
+    calib_bpd, _ = score_bpd(density, images[calib], None, params.score, device, progress=False)
+    tau = threshold_at_fpr(calib_bpd, params.detect.fpr)
+    index = attacked[: p.num_images]
+    x, y = images[index], labels[index]
+    with stage_run("adaptive", params.tracking, params=dataclasses.asdict(p), inputs=[DATA, MODELS]) as run:
+        sweep_eps = p.epsilons[0]
+        n_sweep = p.sweep_images
+        sweep = strength_sweep(
+            clf, density, x[:n_sweep], y[:n_sweep], sweep_eps, tau, p, device=device, progress=p.progress
+        )
+        relaxed = [r for r in sweep if r.relax]
+        scale = max(relaxed, key=lambda r: r.result.joint.mean()).scale  # the strongest setting
+        sets = [AttackSet("adaptive_pgd", e) for e in p.epsilons] + [AttackSet("adaptive_cw")]
+        results = [
+            run_adaptive(clf, density, x, y, s, tau, scale, p, device=device, progress=p.progress)
+            for s in sets
+        ]
+        clean_bpd = float(score_bpd(density, x, None, params.score, device, progress=False)[0].mean())
+        metrics = {
+            "model": p.model,
+            "threshold": tau,
+            "scale": scale,
+            "clean_bpd_mean": clean_bpd,
+            "sets": {r.attack_set.slug: r.summary() for r in results},
+            "sweep": {
+                f"{r.label} ({r.result.attack_set.slug}, {p.sweep_steps} steps)": {
+                    **r.result.summary(),
+                    "final_relaxed_bpd": float(r.bpd_per_step[-1]),
+                }
+                for r in sweep
+            },
+        }
+        with staged_outputs(*OUTS) as (out, metrics_path):
+            out.mkdir()
+            for r in results:
+                np.savez(
+                    out / f"{r.attack_set.slug}.npz",
+                    adversarial=r.adversarial,
+                    source_index=index,
+                    label=y,
+                    target=r.target,
+                    prediction=r.prediction,
+                    success=r.success,
+                    evaded=r.evaded,
+                    joint=r.joint,
+                    failed=r.failed,
+                    bpd=r.bpd,
+                    linf=r.linf,
+                    l2=r.l2,
+                    threshold=tau,
+                    scale=scale,
+                    epsilon=r.attack_set.epsilon_or_nan,
+                    attack=r.attack_set.attack,
+                )
+            save_figure(sweep_figure(sweep, clean_bpd, tau), out / "sweep.png")
+            for slug, m in metrics["sets"].items():  # type: ignore[attr-defined]
+                run.log_headline(m, prefix=f"adaptive/{slug}")
+            run.log_artifact(out / "sweep.png")
+            write_json(metrics_path, metrics)
+        for slug, m in metrics["sets"].items():  # type: ignore[attr-defined]
+            print(
+                f"{slug}: classifier fooled {m['classifier_success']:.0%}, under τ {m['evasion_rate']:.0%}, "
+                f"both {m['joint_success']:.0%} (scale {scale:g}, τ = {tau:.3f} bpd)"
+            )
+
+
+if __name__ == "__main__":
+    main()

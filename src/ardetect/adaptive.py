@@ -1,0 +1,317 @@
+"""Adaptive attacks: Foolbox against the classifier and the BPD detector together.
+
+Carlini & Wagner (2017)'s K+1 construction: one module returns the classifier's K logits plus a
+"detected" logit ``max_k z_k(x) + scale * (BPD(x) - τ)``, which is the largest exactly when
+``BPD(x) > τ``, the detector's threshold at its target false-positive rate. A *targeted* attack (toward
+the classifier's runner-up class, so "detected" never counts as a success) then succeeds only by fooling
+the classifier while staying under the threshold. Foolbox's own PGD (L∞) and Carlini-Wagner (L2) run
+on it unchanged.
+
+Gradients through the density model (BPDA, Athalye et al. 2018): the model reads 8-bit levels, so its
+input is rounded with a straight-through gradient. That alone leaves each pixel's own target level
+fixed, and the attack could not see how changing a pixel moves that pixel's own likelihood; with
+``relax`` the pixel's log-probability is interpolated linearly between its two adjacent levels, which is
+exact on the 256 levels and differentiable in between. Adversarials are stored rounded to 8 bits and
+judged after rounding, with the exact BPD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import foolbox as fb
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ardetect.attacks import Epsilon, failure_sentinel
+from ardetect.attacksets import AttackSet
+from ardetect.classifier import seeded
+from ardetect.configs import config_dataclass
+from ardetect.models.base import ARModel
+
+ADAPTIVE_ATTACKS = ("adaptive_pgd", "adaptive_cw")
+
+
+@config_dataclass
+class AdaptiveConfig:
+    """The detector-aware attacks; ``scale`` multiplies BPD (bits/dim) in the detected logit."""
+
+    epsilons: tuple[Epsilon, ...] = (8 / 255, 25 / 255)
+    pgd_steps: PositiveInt = 50
+    pgd_rel_stepsize: PositiveFloat = 0.05
+    cw_steps: PositiveInt = 50
+    cw_binary_search_steps: PositiveInt = 3
+    cw_confidence: NonNegativeFloat = 0.0
+    cw_stepsize: PositiveFloat = 0.02
+    cw_initial_const: PositiveFloat = 1.0
+    scales: tuple[PositiveFloat, ...] = (1.0, 10.0, 100.0)
+    relax: bool = True
+    sweep_images: PositiveInt = 32
+    sweep_steps: PositiveInt = 100
+    batch_size: PositiveInt = 100
+    seed: NonNegativeInt = 0
+
+
+def relaxed_bpd(density: ARModel, x: Tensor, relax: bool = True) -> Tensor:
+    """BPD of gray images ``x`` in [0, 1] (B, C, H, W) under an 8-bit model, differentiable in ``x``.
+
+    The model reads ``round(255 x)`` with a straight-through gradient; each pixel's log-probability is
+    the model's at its level (``relax=False``) or interpolated between the two levels around ``255 x``
+    (``relax=True``). Both equal the exact BPD on 8-bit images.
+    """
+    if density.levels != 256:
+        raise ValueError(
+            f"the adaptive attack needs an 8-bit density model (levels=256), got {density.levels}"
+        )
+    v = x * 255.0  # (B, C, H, W) continuous levels
+    v_in = v + (v.round() - v).detach()  # straight-through rounding
+    logp = F.log_softmax(density(v_in).float(), dim=1)  # (B, 256, C, H, W)
+    if relax:
+        lo = v.detach().floor().clamp(0, 254)  # (B, C, H, W)
+        t = v - lo  # (B, C, H, W) in [0, 1], carries the gradient
+        lp_lo = logp.gather(1, lo.long().unsqueeze(1)).squeeze(1)  # (B, C, H, W)
+        lp_hi = logp.gather(1, (lo + 1).long().unsqueeze(1)).squeeze(1)
+        lp = (1 - t) * lp_lo + t * lp_hi
+    else:
+        lp = logp.gather(1, v.detach().round().long().unsqueeze(1)).squeeze(1)
+    return -lp.flatten(1).sum(1) / (density.num_dims * math.log(2.0))  # (B,)
+
+
+class DetectorAware(nn.Module):
+    """Classifier logits plus the detected logit ``max_k z_k + scale (BPD - threshold)``: (B, K + 1).
+
+    With ``trace`` a list, every forward call appends the batch's relaxed BPD and whether each image
+    is classified as its target while under the threshold, so an attack's progress can be plotted.
+    """
+
+    def __init__(
+        self, classifier: nn.Module, density: ARModel, threshold: float, scale: float, relax: bool = True
+    ) -> None:
+        super().__init__()
+        self.classifier, self.density = classifier, density
+        self.threshold, self.scale, self.relax = threshold, scale, relax
+        self.trace: list[tuple[Tensor, Tensor]] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.classifier(x)  # (B, K)
+        bpd = relaxed_bpd(self.density, x, self.relax)  # (B,)
+        detected = z.max(1).values + self.scale * (bpd - self.threshold)  # (B,)
+        if self.trace is not None:
+            self.trace.append((bpd.detach().cpu(), z.argmax(1).detach().cpu()))
+        return torch.cat([z, detected[:, None]], 1)  # (B, K + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveResult:
+    """One adaptive attack set on N images, judged after rounding to 8 bits.
+
+    ``success``: the classifier is fooled (prediction ≠ label) and the attack did not return its failure
+    sentinel; ``evaded``: exact BPD ≤ threshold (the detector does not flag it); ``joint``: both.
+    """
+
+    attack_set: AttackSet
+    adversarial: np.ndarray  # (N, C, H, W) uint8
+    target: np.ndarray
+    prediction: np.ndarray
+    bpd: np.ndarray
+    success: np.ndarray
+    evaded: np.ndarray
+    joint: np.ndarray
+    failed: np.ndarray
+    linf: np.ndarray
+    l2: np.ndarray
+    scale: float
+    seconds_per_image: float
+
+    def summary(self) -> dict[str, float]:
+        ok = self.success
+        return {
+            "n": float(len(ok)),
+            "classifier_success": float(ok.mean()),
+            "evasion_rate": float(self.evaded.mean()),
+            "joint_success": float(self.joint.mean()),
+            "failed": float(self.failed.sum()),
+            "mean_bpd": float(self.bpd.mean()),
+            "mean_linf": float(self.linf[ok].mean()) if ok.any() else math.nan,
+            "mean_l2": float(self.l2[ok].mean()) if ok.any() else math.nan,
+            "scale": self.scale,
+            "seconds_per_image": self.seconds_per_image,
+        }
+
+
+def runner_up(classifier: nn.Module, x: Tensor) -> Tensor:
+    """The target of the targeted attack: each image's second most likely class, (B,)."""
+    with torch.no_grad():
+        return classifier(x).topk(2, dim=1).indices[:, 1]
+
+
+def _foolbox_attack(attack: str, epsilon: float | None, config: AdaptiveConfig, steps: int) -> fb.Attack:
+    if attack == "adaptive_pgd":
+        return fb.attacks.LinfPGD(steps=steps, rel_stepsize=config.pgd_rel_stepsize)
+    if attack == "adaptive_cw":
+        return fb.attacks.L2CarliniWagnerAttack(
+            binary_search_steps=config.cw_binary_search_steps,
+            steps=steps,
+            stepsize=config.cw_stepsize,
+            confidence=config.cw_confidence,
+            initial_const=config.cw_initial_const,
+        )
+    raise ValueError(f"unknown adaptive attack {attack!r}; valid: {', '.join(ADAPTIVE_ATTACKS)}")
+
+
+def run_adaptive(
+    classifier: nn.Module,
+    density: ARModel,
+    images_uint8: np.ndarray,
+    labels: np.ndarray,
+    attack_set: AttackSet,
+    threshold: float,
+    scale: float,
+    config: AdaptiveConfig,
+    *,
+    steps: int | None = None,
+    relax: bool | None = None,
+    trace: list[tuple[Tensor, Tensor]] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> AdaptiveResult:
+    """Run one adaptive attack (``adaptive_pgd`` at ``attack_set.epsilon``, or ``adaptive_cw``)."""
+    relax = config.relax if relax is None else relax
+    steps = steps or (config.pgd_steps if attack_set.attack == "adaptive_pgd" else config.cw_steps)
+    device = torch.device(device)
+    classifier, density = classifier.to(device).eval(), density.to(device).eval()
+    for p in (*classifier.parameters(), *density.parameters()):
+        p.requires_grad_(False)
+    wrapped = DetectorAware(classifier, density, threshold, scale, relax).eval()
+    fmodel = fb.PyTorchModel(wrapped, bounds=(0.0, 1.0), device=device)
+    attack = _foolbox_attack(attack_set.attack, attack_set.epsilon, config, steps)
+    x_all = torch.as_tensor(images_uint8).float() / 255.0  # (N, C, H, W)
+    advs, targets = [], []
+    start = time.perf_counter()
+    with seeded(config.seed, device):
+        for i in tqdm(range(0, len(x_all), config.batch_size), desc=attack_set.slug, disable=not progress):
+            xb = x_all[i : i + config.batch_size].to(device)  # (B, C, H, W)
+            target = runner_up(classifier, xb)  # (B,)
+            wrapped.trace = trace
+            criterion = fb.criteria.TargetedMisclassification(target)
+            _, clipped, _ = attack(fmodel, xb, criterion, epsilons=attack_set.epsilon)
+            wrapped.trace = None
+            advs.append(clipped.detach().clamp(0, 1).cpu().numpy())
+            targets.append(target.cpu().numpy())
+    seconds = (time.perf_counter() - start) / max(len(x_all), 1)
+    raw = np.concatenate(advs)  # (N, C, H, W) in [0, 1]
+    failed = failure_sentinel(x_all.numpy(), raw, attack_set.epsilon)
+    adversarial = np.rint(raw * 255.0).clip(0, 255).astype(np.uint8)
+    with torch.no_grad():
+        levels = torch.as_tensor(adversarial).float().to(device)  # (N, C, H, W)
+        prediction = classifier(levels / 255.0).argmax(1).cpu().numpy()
+        bpd = density.bpd(levels).double().cpu().numpy()
+    delta = (adversarial.astype(np.float64) - images_uint8.astype(np.float64)).reshape(len(raw), -1) / 255.0
+    success = (prediction != np.asarray(labels)) & ~failed
+    evaded = bpd <= threshold
+    return AdaptiveResult(
+        attack_set=attack_set,
+        adversarial=adversarial,
+        target=np.concatenate(targets),
+        prediction=prediction,
+        bpd=bpd,
+        success=success,
+        evaded=evaded,
+        joint=success & evaded,
+        failed=failed,
+        linf=np.abs(delta).max(1),
+        l2=np.sqrt((delta**2).sum(1)),
+        scale=scale,
+        seconds_per_image=seconds,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """One PGD run of the strength check: its setting, the mean relaxed BPD of the iterate per step,
+    the fraction classified as the target while under the threshold per step, and the final result."""
+
+    scale: float
+    relax: bool
+    bpd_per_step: np.ndarray
+    joint_per_step: np.ndarray
+    result: AdaptiveResult
+
+    @property
+    def label(self) -> str:
+        return f"scale {self.scale:g}" + ("" if self.relax else ", straight-through only")
+
+
+def strength_sweep(
+    classifier: nn.Module,
+    density: ARModel,
+    images_uint8: np.ndarray,
+    labels: np.ndarray,
+    epsilon: float,
+    threshold: float,
+    config: AdaptiveConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> list[SweepRun]:
+    """PGD at ``epsilon`` for ``config.sweep_steps`` steps, once per scale in ``config.scales`` (relaxed)
+    and once at the middle scale with straight-through gradients only: is the attack as strong as it
+    can be made, and does it drive the adversarial BPD down to the clean BPD?"""
+    settings = [(s, True) for s in config.scales]
+    settings.append((config.scales[len(config.scales) // 2], False))
+    runs = []
+    with torch.no_grad():
+        x = torch.as_tensor(images_uint8).float().to(device) / 255.0  # (N, C, H, W)
+        targets = runner_up(classifier.to(device), x).cpu().numpy()
+    for scale, relax in settings:
+        trace: list[tuple[Tensor, Tensor]] = []
+        result = run_adaptive(
+            classifier,
+            density,
+            images_uint8,
+            labels,
+            AttackSet("adaptive_pgd", epsilon),
+            threshold,
+            scale,
+            dataclasses.replace(config, batch_size=len(images_uint8)),
+            steps=config.sweep_steps,
+            relax=relax,
+            trace=trace,
+            device=device,
+            progress=progress,
+        )
+        bpd = torch.stack([b for b, _ in trace]).numpy()  # (calls, N)
+        hit = torch.stack([p for _, p in trace]).numpy() == targets  # (calls, N)
+        runs.append(SweepRun(scale, relax, bpd.mean(1), (hit & (bpd <= threshold)).mean(1), result))
+    return runs
+
+
+def sweep_figure(runs: Sequence[SweepRun], clean_bpd: float, threshold: float) -> Figure:
+    """Mean BPD of the PGD iterate per step for each setting, against the clean mean and the threshold."""
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_bpd, ax_joint = fig.subplots(1, 2)
+    for run in runs:
+        style = "-" if run.relax else "--"
+        ax_bpd.plot(run.bpd_per_step, style, label=run.label)
+        ax_joint.plot(run.joint_per_step, style, label=run.label)
+    ax_bpd.axhline(clean_bpd, color="black", linestyle=":", label="clean mean")
+    ax_bpd.axhline(threshold, color="tab:red", linestyle=":", label="threshold τ")
+    ax_bpd.set(xlabel="PGD step (forward call)", ylabel="mean BPD of the iterate", title="BPD per step")
+    ax_joint.set(
+        xlabel="PGD step (forward call)",
+        ylabel="fraction: target class and BPD ≤ τ",
+        title="joint success per step (before rounding)",
+        ylim=(0, 1.02),
+    )
+    ax_bpd.legend(fontsize=8)
+    ax_joint.legend(fontsize=8)
+    return fig
