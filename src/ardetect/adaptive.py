@@ -48,15 +48,16 @@ class AdaptiveConfig:
     epsilons: tuple[Epsilon, ...] = (8 / 255, 25 / 255)
     pgd_steps: PositiveInt = 50
     pgd_rel_stepsize: PositiveFloat = 0.05
+    pgd_random_start: bool = False  # start at the clean image, under τ (stronger here than a random start)
     cw_steps: PositiveInt = 50
-    cw_binary_search_steps: PositiveInt = 3
+    cw_binary_search_steps: PositiveInt = 2
     cw_confidence: NonNegativeFloat = 0.0
     cw_stepsize: PositiveFloat = 0.02
     cw_initial_const: PositiveFloat = 1.0
     scales: tuple[PositiveFloat, ...] = (1.0, 10.0, 100.0)
     relax: bool = True
     sweep_images: PositiveInt = 32
-    sweep_steps: PositiveInt = 100
+    sweep_steps: PositiveInt = 60
     batch_size: PositiveInt = 100
     seed: NonNegativeInt = 0
 
@@ -156,7 +157,9 @@ def runner_up(classifier: nn.Module, x: Tensor) -> Tensor:
 
 def _foolbox_attack(attack: str, epsilon: float | None, config: AdaptiveConfig, steps: int) -> fb.Attack:
     if attack == "adaptive_pgd":
-        return fb.attacks.LinfPGD(steps=steps, rel_stepsize=config.pgd_rel_stepsize)
+        return fb.attacks.LinfPGD(
+            steps=steps, rel_stepsize=config.pgd_rel_stepsize, random_start=config.pgd_random_start
+        )
     if attack == "adaptive_cw":
         return fb.attacks.L2CarliniWagnerAttack(
             binary_search_steps=config.cw_binary_search_steps,
