@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ardetect.adaptive import run_adaptive, strength_sweep, sweep_figure
-from ardetect.attacks import select_correct
+from ardetect.attacks import adversarial_figure, select_correct
 from ardetect.attacksets import AttackSet
 from ardetect.classifier import load_classifier, predict
 from ardetect.data import load_split
@@ -34,11 +34,6 @@ OUTS = Path("data/adaptive"), Path("data/metrics/adaptive.json")
 def main() -> None:
     params = load_params()
     p = params.adaptive
-    if p.model is None:  # no detector to attack: empty outputs, so downstream stages see no adaptive sets
-        with staged_outputs(*OUTS) as (out, metrics_path):
-            out.mkdir()
-            write_json(metrics_path, {})
-        return
     device = resolve_device(p.device)
     density = load_model(trained_model_paths(MODELS, [p.model])[p.model]).to(device)
     clf = load_classifier(CLASSIFIER, device)
@@ -107,9 +102,11 @@ def main() -> None:
                     attack=r.attack_set.attack,
                 )
             save_figure(sweep_figure(sweep, clean_bpd, tau), out / "sweep.png")
+            save_figure(adversarial_figure(x, y, results), out / "examples.png")
             for slug, m in metrics["sets"].items():  # type: ignore[attr-defined]
                 run.log_headline(m, prefix=f"adaptive/{slug}")
             run.log_artifact(out / "sweep.png")
+            run.log_artifact(out / "examples.png")
             write_json(metrics_path, metrics)
         for slug, m in metrics["sets"].items():  # type: ignore[attr-defined]
             print(

@@ -54,6 +54,7 @@ def _write_params(root: Path) -> None:
         },
     }
     raw["binarize"]["mode"] = "dynamic"
+    raw["adaptive"]["model"] = "tiny_8bit"
     raw["score"].update(num_draws=NUM_DRAWS, seed=SEED, device="cpu")
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
@@ -414,7 +415,7 @@ def test_report_lists_paths_and_auroc_table(capsys: pytest.CaptureFixture[str], 
     assert code == 0, err
     report_dir = (project.root / "data/report").resolve()
     assert f"report:  {report_dir / 'report.md'}" in out
-    for fig in ("bpd_histograms.png", "roc.png"):
+    for fig in ("bpd_densities.png", "roc.png"):
         assert str(report_dir / fig) in out
     assert "test_accuracy 0.9078" in out
     lines = out.splitlines()
@@ -431,7 +432,7 @@ def test_report_json(capsys: pytest.CaptureFixture[str], project: Project) -> No
     assert code == 0
     data = json.loads(out)
     assert Path(data["report"]).is_absolute() and data["report"].endswith("data/report/report.md")
-    assert [Path(p).name for p in data["figures"]] == ["bpd_histograms.png", "roc.png"]
+    assert [Path(p).name for p in data["figures"]] == ["bpd_densities.png", "roc.png"]
     assert data["auroc"]["tiny_8bit"] == {"fgsm_e8": pytest.approx(0.82), "pgd_e8": pytest.approx(0.71)}
     assert data["classifier"]["test_accuracy"] == 0.9078
     assert data["small_sets"] == {"fgsm_e8": 3}

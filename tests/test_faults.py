@@ -343,10 +343,12 @@ def test_score_without_a_trained_model_names_it_and_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"]["models"] = ["fvsbn", "made"]
+    params["train"]["models"] = ["fvsbn", "made", "pixelcnn_8bit"]
     params["score"]["device"] = "cpu"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     save_model(build_model("fvsbn", (1, 4, 4)), tmp_path / "data" / "models" / "fvsbn" / "model.pt")
+    eight_bit = build_model("pixelcnn", (1, 4, 4), 256, channels=4, blocks=1, head_channels=4)
+    save_model(eight_bit, tmp_path / "data" / "models" / "pixelcnn_8bit" / "model.pt")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     spec = importlib.util.spec_from_file_location("score_stage", ROOT / "pipeline" / "score.py")
@@ -357,7 +359,7 @@ def test_score_without_a_trained_model_names_it_and_writes_nothing(
         stage.main()
     msg = str(info.value)
     assert "no trained model for made (missing data/models/made/model.pt)" in msg
-    assert "`dvc repro`" in msg and "dvc repro train@made" in msg and "fvsbn" not in msg
+    assert "`dvc repro`" in msg and "dvc repro train@made" in msg and "fvsbn" not in msg and "8bit" not in msg
     assert not (tmp_path / "data" / "scores").exists() and not (tmp_path / "data" / "metrics").exists()
     assert not (tmp_path / "store.db").exists(), "failed before opening an MLflow run"
 

@@ -21,6 +21,40 @@ def test_repository_params_are_valid() -> None:
     assert set(params.train.models) <= set(params.models)
 
 
+@pytest.mark.parametrize("profile", ["params.yaml", "profiles/gpu.yaml"])
+def test_profiles_validate_and_fill_every_dvc_interpolation(profile: str) -> None:
+    """``dvc repro`` with the profile as params.yaml: it validates, and every ``${a.b}`` that dvc.yaml
+    interpolates (other than the foreach ``${item}``) names a key the profile sets."""
+    import re
+
+    load_params(ROOT / profile)
+    raw = yaml.safe_load((ROOT / profile).read_text())
+    refs = set(re.findall(r"\$\{([\w.]+)\}", (ROOT / "dvc.yaml").read_text())) - {"item"}
+    assert refs, "dvc.yaml interpolates params"
+    for ref in sorted(refs):
+        node = raw
+        for part in ref.split("."):
+            assert isinstance(node, dict) and part in node, (
+                f"{profile} lacks {ref}, which dvc.yaml interpolates"
+            )
+            node = node[part]
+
+
+def test_adaptive_model_must_be_a_trained_8bit_model() -> None:
+    raw = default_raw()
+    raw["adaptive"]["model"] = "made"
+    with pytest.raises(
+        ParamsError, match=r"adaptive.model = 'made': the adaptive attack needs an 8-bit model"
+    ):
+        parse_params(raw)
+    raw["adaptive"]["model"] = "nope"
+    with pytest.raises(ParamsError, match=r"adaptive.model = 'nope': not a trained model"):
+        parse_params(raw)
+    raw["adaptive"].update(model="pixelcnn_8bit", num_images=201)
+    with pytest.raises(ParamsError, match=r"adaptive.num_images = 201: at most attack.num_images = 200"):
+        parse_params(raw)
+
+
 def test_model_train_overrides_sit_on_defaults() -> None:
     raw = default_raw()
     raw["models"]["nade"]["train"] = {"epochs": 7}

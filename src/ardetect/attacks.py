@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import foolbox as fb
 import numpy as np
@@ -319,10 +319,23 @@ def select_correct(
     return correct[:n]
 
 
+class ShownSet(Protocol):
+    """What :func:`adversarial_figure` draws of an attack set (an AttackResult, an AdaptiveResult)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def adversarial(self) -> np.ndarray: ...
+    @property
+    def success(self) -> np.ndarray: ...
+    @property
+    def prediction(self) -> np.ndarray: ...
+
+
 def adversarial_figure(
     originals: ArrayLike,
     labels: ArrayLike,
-    results: Sequence[AttackResult],
+    results: Sequence[ShownSet],
     n: int = 6,
     class_names: Sequence[str] | None = None,
 ) -> Figure:

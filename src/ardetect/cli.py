@@ -333,13 +333,15 @@ def auroc_table(
     return table
 
 
-def _small_sets(detection: dict[str, dict[str, dict[str, float]]], below: int = 10) -> dict[str, int]:
-    """Attack sets with fewer than ``below`` successful adversarial images (the smallest n over models)."""
+def _small_sets(detection: dict[str, dict[str, dict[str, float]]]) -> dict[str, int]:
+    """Attack sets with fewer than MIN_CELL positives (smallest n over models), as report.md flags them."""
+    from ardetect.detection import MIN_CELL
+
     n: dict[str, int] = {}
     for sets in detection.values():
         for name, v in sets.items():
             n[name] = min(n.get(name, 2**31), int(v.get("n_pos", 0)))
-    return {k: v for k, v in n.items() if v < below}
+    return {k: v for k, v in n.items() if v < MIN_CELL}
 
 
 def _display_orders(root: Path) -> tuple[list[str], list[str]]:

@@ -98,7 +98,7 @@ class ScoreParams(ScoreConfig):
 
 @config_dataclass
 class AdaptiveParams(AdaptiveConfig):
-    model: str | None = None  # the 8-bit density model whose detector is attacked (None: no adaptive sets)
+    model: str = "pixelcnn_8bit"  # the 8-bit density model whose detector is attacked (one of train.models)
     num_images: PositiveInt = 100  # the first N originals of the oblivious attacks (paired with them)
     device: Device = "auto"
     progress: bool = True
@@ -182,9 +182,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
                 f"(defined: {', '.join(params.models) or 'none'})"
             )
     target = params.adaptive.model
-    if target is None:
-        pass
-    elif target not in params.train.models:
+    if target not in params.train.models:
         problems.append(
             f"adaptive.model = {target!r}: not a trained model "
             f"(train.models: {', '.join(params.train.models)})"
