@@ -1,0 +1,1 @@
+"""ardetect: autoregressive density models that detect adversarial images by bits per dimension."""
