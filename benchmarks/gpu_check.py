@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from ardetect.data import binarize_splits, prepare, save_split, training_data
+from ardetect.devices import resolve_device
 from ardetect.models import build_model
 from ardetect.params import load_params
-from ardetect.training import evaluate_nll, fit, nats_to_bpd, resolve_device
+from ardetect.training import evaluate_nll, fit, nats_to_bpd
 
 
 def main() -> None:

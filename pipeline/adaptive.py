@@ -13,28 +13,43 @@ from pathlib import Path
 
 import numpy as np
 
-from ardetect.adaptive import run_adaptive, strength_sweep, sweep_figure
-from ardetect.attacks import adversarial_figure, select_correct
+from ardetect.adaptive import AdaptiveParams, adaptive_problems, run_adaptive, strength_sweep, sweep_figure
+from ardetect.attacks import AttackParams, adversarial_figure, select_correct
 from ardetect.attacksets import AttackSet
 from ardetect.classifier import load_classifier, predict
+from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import load_split
-from ardetect.detection import threshold_at_fpr
+from ardetect.detection import DetectParams, threshold_at_fpr
+from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import load_model, trained_model_paths
-from ardetect.params import load_params
 from ardetect.report import save_figure
-from ardetect.scoring import clean_test_pools, score_bpd
-from ardetect.tracking import stage_run
-from ardetect.training import resolve_device
+from ardetect.scoring import ScoreParams, clean_test_pools, score_bpd
+from ardetect.tracking import TrackingParams, stage_run
+from ardetect.training import ModelEntry, TrainSection
 
 DATA, MODELS, CLASSIFIER = Path("data/dataset"), Path("data/models"), Path("data/classifier/model.pt")
 OUTS = Path("data/adaptive"), Path("data/metrics/adaptive.json")
 
 
+@config_dataclass
+class StageParams:
+    adaptive: AdaptiveParams = dataclasses.field(default_factory=AdaptiveParams)
+    attack: AttackParams = dataclasses.field(default_factory=AttackParams)
+    score: ScoreParams = dataclasses.field(default_factory=ScoreParams)
+    detect: DetectParams = dataclasses.field(default_factory=DetectParams)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    models: dict[str, ModelEntry] = dataclasses.field(default_factory=dict)
+    tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
+
+    def problems(self) -> list[str]:
+        return adaptive_problems(self.adaptive, self.train, self.models, self.attack)
+
+
 def main() -> None:
-    params = load_params()
+    params = load_sections(StageParams)
     p = params.adaptive
-    device = resolve_device(p.device)
+    device = resolve_device(p.device, "adaptive.device")
     density = load_model(trained_model_paths(MODELS, [p.model])[p.model]).to(device)
     clf = load_classifier(CLASSIFIER, device)
     test = load_split(DATA / "test.npz")
@@ -110,8 +125,8 @@ def main() -> None:
             write_json(metrics_path, metrics)
         for slug, m in metrics["sets"].items():  # type: ignore[attr-defined]
             print(
-                f"{slug}: classifier fooled {m['classifier_success']:.0%}, under τ {m['evasion_rate']:.0%}, "
-                f"both {m['joint_success']:.0%} (scale {scale:g}, τ = {tau:.3f} bpd)"
+                f"{slug}: classifier fooled {m['classifier_success']:.0%}, of those under τ "
+                f"{m['evasion_rate']:.0%}, both {m['joint_success']:.0%} (scale {scale:g}, τ = {tau:.3f} bpd)"
             )
 
 

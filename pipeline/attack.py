@@ -11,24 +11,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ardetect.attacks import adversarial_figure, attack_summary, run_attacks, select_correct
+from ardetect.attacks import AttackParams, adversarial_figure, attack_summary, run_attacks, select_correct
 from ardetect.classifier import load_classifier
+from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import load_split
+from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
-from ardetect.params import load_params
 from ardetect.report import save_figure
-from ardetect.tracking import stage_run
-from ardetect.training import resolve_device
+from ardetect.tracking import TrackingParams, stage_run
 
 DATA = Path("data/dataset")
 CLASSIFIER = Path("data/classifier/model.pt")
 OUTS = Path("data/attacks"), Path("data/metrics/attack.json")
 
 
+@config_dataclass
+class StageParams:
+    attack: AttackParams = dataclasses.field(default_factory=AttackParams)
+    tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
+
+
 def main() -> None:
-    params = load_params()
+    params = load_sections(StageParams)
     p = params.attack
-    device = resolve_device(p.device)
+    device = resolve_device(p.device, "attack.device")
     test = load_split(DATA / "test.npz")
     if p.num_images > len(test["labels"]):
         raise ValueError(

@@ -5,17 +5,23 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ardetect.data import SPLITS, binarize_splits, load_split, save_split
+from ardetect.configs import config_dataclass, load_sections
+from ardetect.data import SPLITS, BinarizeParams, binarize_splits, load_split, save_split
 from ardetect.io import staged_outputs, write_json
-from ardetect.params import load_params
-from ardetect.tracking import stage_run
+from ardetect.tracking import TrackingParams, stage_run
 
 IN = Path("data/dataset")
 OUT = Path("data/binarized")
 
 
+@config_dataclass
+class StageParams:
+    binarize: BinarizeParams = dataclasses.field(default_factory=BinarizeParams)
+    tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
+
+
 def main() -> None:
-    params = load_params()
+    params = load_sections(StageParams)
     p = params.binarize
     with stage_run("binarize", params.tracking, params=dataclasses.asdict(p), inputs=[IN]) as run:
         splits = {name: load_split(IN / f"{name}.npz") for name in SPLITS}

@@ -7,22 +7,33 @@ from pathlib import Path
 
 import pandas as pd
 
-from ardetect.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
-from ardetect.configs import narrow
+from ardetect.classifier import (
+    ClassifierConfig,
+    ClassifierParams,
+    accuracy,
+    save_classifier,
+    train_classifier,
+)
+from ardetect.configs import config_dataclass, load_sections, narrow
 from ardetect.data import load_split
+from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
-from ardetect.params import load_params
-from ardetect.tracking import stage_run
-from ardetect.training import resolve_device
+from ardetect.tracking import TrackingParams, stage_run
 
 DATA = Path("data/dataset")
 OUTS = Path("data/classifier"), Path("data/metrics/classifier.json"), Path("data/plots/classifier.csv")
 
 
+@config_dataclass
+class StageParams:
+    classifier: ClassifierParams = dataclasses.field(default_factory=ClassifierParams)
+    tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
+
+
 def main() -> None:
-    params = load_params()
+    params = load_sections(StageParams)
     p = params.classifier
-    device = resolve_device(p.device)
+    device = resolve_device(p.device, "classifier.device")
     train, val, test = (load_split(DATA / f"{s}.npz") for s in ("train", "val", "test"))
     with stage_run("classifier", params.tracking, params=dataclasses.asdict(p), inputs=[DATA]) as run:
         model, history = train_classifier(

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ardetect.detection import detection_groups, detection_table, realized_fpr, roc
+from ardetect.configs import config_dataclass, load_sections
+from ardetect.data import BinarizeParams, DataParams
+from ardetect.detection import DetectParams, detection_groups, detection_table, realized_fpr, roc
 from ardetect.io import staged_outputs, write_json
-from ardetect.params import load_params
 from ardetect.report import (
     adaptive_comparison,
     auroc_matrix,
@@ -27,7 +28,8 @@ from ardetect.report import (
     save_figure,
     write_report,
 )
-from ardetect.tracking import stage_run
+from ardetect.scoring import ScoreParams
+from ardetect.tracking import TrackingParams, stage_run
 
 SCORES = Path("data/scores/scores.parquet")
 ATTACK_SUMMARY = Path("data/attacks/summary.csv")
@@ -36,8 +38,17 @@ ADAPTIVE_METRICS, ADAPTIVE_SWEEP = Path("data/metrics/adaptive.json"), Path("dat
 OUTS = Path("data/report"), Path("data/metrics/detection.json"), Path("data/plots/roc")
 
 
+@config_dataclass
+class StageParams:
+    detect: DetectParams = dataclasses.field(default_factory=DetectParams)
+    data: DataParams = dataclasses.field(default_factory=DataParams)
+    binarize: BinarizeParams = dataclasses.field(default_factory=BinarizeParams)
+    score: ScoreParams = dataclasses.field(default_factory=ScoreParams)
+    tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
+
+
 def main() -> None:
-    params = load_params()
+    params = load_sections(StageParams)
     p = params.detect
     scores = pd.read_parquet(SCORES)
     with stage_run("detect", params.tracking, params=dataclasses.asdict(p), inputs=[SCORES]) as run:
@@ -75,7 +86,7 @@ def main() -> None:
                     roc_figure(scores), report_dir / "roc.png"
                 ),
                 "BPD densities: clean originals and each attack family (smallest ε)": save_figure(
-                    bpd_density_figure(scores), report_dir / "bpd_densities.png"
+                    bpd_density_figure(scores, p.fpr), report_dir / "bpd_densities.png"
                 ),
                 "PixelDefend p-values": save_figure(
                     pvalue_histogram_figure(scores), report_dir / "pvalues.png"

@@ -13,17 +13,26 @@ from pathlib import Path
 import numpy as np
 
 from ardetect.classifier import load_classifier, predict
-from ardetect.data import load_split
+from ardetect.configs import config_dataclass, load_sections
+from ardetect.data import BinarizeParams, load_split
+from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import load_model, trained_model_paths
-from ardetect.params import load_params
-from ardetect.scoring import ImageSet, clean_test_pools, score_table
-from ardetect.tracking import stage_run
-from ardetect.training import resolve_device
+from ardetect.scoring import ImageSet, ScoreParams, clean_test_pools, score_table
+from ardetect.tracking import TrackingParams, stage_run
+from ardetect.training import TrainSection
 
 DATA, ATTACKS, ADAPTIVE, MODELS = (Path(f"data/{d}") for d in ("dataset", "attacks", "adaptive", "models"))
 CLASSIFIER = Path("data/classifier/model.pt")
 OUTS = Path("data/scores"), Path("data/metrics/score.json")
+
+
+@config_dataclass
+class StageParams:
+    score: ScoreParams = dataclasses.field(default_factory=ScoreParams)
+    binarize: BinarizeParams = dataclasses.field(default_factory=BinarizeParams)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
 
 def clean_set(source: str, split: dict[str, np.ndarray], index: np.ndarray, clf: object) -> ImageSet:
@@ -32,9 +41,9 @@ def clean_set(source: str, split: dict[str, np.ndarray], index: np.ndarray, clf:
 
 
 def main() -> None:
-    params = load_params()
+    params = load_sections(StageParams)
     p = params.score
-    device = resolve_device(p.device)
+    device = resolve_device(p.device, "score.device")
     model_paths = trained_model_paths(MODELS, params.train.models)  # fails first, naming what is missing
     splits = {s: load_split(DATA / f"{s}.npz") for s in ("train", "test")}
     clf = load_classifier(CLASSIFIER, device)

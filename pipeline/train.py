@@ -18,14 +18,35 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
 
-from ardetect.data import training_data
+from ardetect.configs import ParamsError, config_dataclass, load_sections
+from ardetect.data import BinarizeParams, training_data
+from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import build_model, save_model
-from ardetect.params import ParamsError, load_params
-from ardetect.tracking import StageRun, stage_run
-from ardetect.training import evaluate_nll, fit, init_distributed, nats_to_bpd, resolve_device
+from ardetect.tracking import StageRun, TrackingParams, stage_run
+from ardetect.training import (
+    ModelEntry,
+    TrainSection,
+    evaluate_nll,
+    fit,
+    init_distributed,
+    model_problems,
+    model_train_params,
+    nats_to_bpd,
+)
 
 DATA = Path("data/binarized")
+
+
+@config_dataclass
+class StageParams:
+    binarize: BinarizeParams = dataclasses.field(default_factory=BinarizeParams)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    models: dict[str, ModelEntry] = dataclasses.field(default_factory=dict)
+    tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
+
+    def problems(self) -> list[str]:
+        return model_problems(self.train, self.models)
 
 
 def main(name: str) -> None:
@@ -38,13 +59,14 @@ def main(name: str) -> None:
 
 
 def train(name: str, *, lead: bool, world_size: int) -> None:
-    params = load_params()
+    params = load_sections(StageParams)
     if name not in params.models:
         raise ParamsError(
             f"no model {name!r} under models in params.yaml (defined: {', '.join(params.models)})"
         )
-    entry, tp = params.models[name], params.train_params(name)
-    device = resolve_device(tp.device)
+    entry = params.models[name]
+    tp = model_train_params(params.train.defaults, entry)
+    device = resolve_device(tp.device, f"models.{name}.train.device (or train.defaults.device)")
     b = params.binarize
     data = training_data(DATA, entry.levels, b.mode, b.resample_train, b.seed + tp.seed, device)
     torch.manual_seed(tp.seed)  # model initialisation is part of the seeded run

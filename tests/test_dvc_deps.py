@@ -218,6 +218,18 @@ def test_dvc_deps_are_each_stage_import_closure() -> None:
 # the check itself, on a synthetic package
 
 
+def test_expensive_stages_stay_narrow() -> None:
+    """An edit to the detection half (attacks, adaptive attacks, scoring, detection, report) or to the
+    whole-file params composition must not retrain the density models or the classifier."""
+    detection_half = {"attacks.py", "adaptive.py", "attacksets.py", "scoring.py", "detection.py", "report.py"}
+    for stage in ("train", "classifier"):
+        script, _ = dvc_stages(ROOT / "dvc.yaml")[stage]
+        names = {p.name for p in import_closure(ROOT / script, SRC, PACKAGE)}
+        assert not names & (detection_half | {"params.py"}), (
+            f"{stage} imports {sorted(names & detection_half)}"
+        )
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         path = root / rel

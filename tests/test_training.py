@@ -134,3 +134,12 @@ def test_staged_outputs_appear_together_or_not_at_all(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="without writing"), staged_outputs(a, b) as (ta, tb):
         tb.write_text("{}")
     assert not b.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_error_names_the_key_that_asked_for_cuda() -> None:
+    from ardetect.devices import resolve_device
+
+    assert resolve_device("auto", "attack.device") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match=r"attack.device is 'cuda' but no CUDA device is visible"):
+        resolve_device("cuda", "attack.device")

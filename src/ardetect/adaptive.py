@@ -21,6 +21,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import foolbox as fb
 import numpy as np
@@ -32,11 +33,14 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveIn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ardetect.attacks import Epsilon, failure_sentinel
+from ardetect.attacks import AttackParams, Epsilon, failure_sentinel
 from ardetect.attacksets import AttackSet
 from ardetect.classifier import seeded
-from ardetect.configs import config_dataclass
+from ardetect.configs import Device, config_dataclass
 from ardetect.models.base import ARModel
+
+if TYPE_CHECKING:  # types only: the adaptive stage's closure stays free of the training loop
+    from ardetect.training import ModelEntry, TrainSection
 
 ADAPTIVE_ATTACKS = ("adaptive_pgd", "adaptive_cw")
 
@@ -60,6 +64,38 @@ class AdaptiveConfig:
     sweep_steps: PositiveInt = 60
     batch_size: PositiveInt = 100
     seed: NonNegativeInt = 0
+
+
+@config_dataclass
+class AdaptiveParams(AdaptiveConfig):
+    """``adaptive`` in params.yaml."""
+
+    model: str = "pixelcnn_8bit"  # the 8-bit density model whose detector is attacked (one of train.models)
+    num_images: PositiveInt = 100  # the first N originals of the oblivious attacks (paired with them)
+    device: Device = "auto"
+    progress: bool = True
+
+
+def adaptive_problems(
+    adaptive: AdaptiveParams, train: TrainSection, models: dict[str, ModelEntry], attack: AttackParams
+) -> list[str]:
+    """The adaptive attack needs a trained 8-bit model and at most the oblivious attacks' originals."""
+    problems = []
+    target = adaptive.model
+    if target not in train.models or target not in models:
+        problems.append(
+            f"adaptive.model = {target!r}: not a trained model (train.models: {', '.join(train.models)})"
+        )
+    elif models[target].levels != 256:
+        problems.append(
+            f"adaptive.model = {target!r}: the adaptive attack needs an 8-bit model (levels: 256)"
+        )
+    if adaptive.num_images > attack.num_images:
+        problems.append(
+            f"adaptive.num_images = {adaptive.num_images}: at most attack.num_images = "
+            f"{attack.num_images} (the adaptive sets reuse the oblivious attacks' originals)"
+        )
+    return problems
 
 
 def relaxed_bpd(density: ARModel, x: Tensor, relax: bool = True) -> Tensor:
@@ -116,7 +152,9 @@ class AdaptiveResult:
     """One adaptive attack set on N images, judged after rounding to 8 bits.
 
     ``success``: the classifier is fooled (prediction ≠ label) and the attack did not return its failure
-    sentinel; ``evaded``: exact BPD ≤ threshold (the detector does not flag it); ``joint``: both.
+    sentinel; ``evaded``: exact BPD ≤ threshold (the detector does not flag it); ``joint``: both. The
+    summary's ``evasion_rate`` is over the successful ones (1 − the detector's TPR on them), so
+    ``joint_success = classifier_success × evasion_rate``.
     """
 
     attack_set: AttackSet
@@ -142,7 +180,7 @@ class AdaptiveResult:
         return {
             "n": float(len(ok)),
             "classifier_success": float(ok.mean()),
-            "evasion_rate": float(self.evaded.mean()),
+            "evasion_rate": float(self.evaded[ok].mean()) if ok.any() else math.nan,
             "joint_success": float(self.joint.mean()),
             "failed": float(self.failed.sum()),
             "mean_bpd": float(self.bpd.mean()),

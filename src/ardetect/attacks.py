@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from ardetect.attacksets import AttackSet
 from ardetect.classifier import ArrayLike, as_labels, predict, seeded
-from ardetect.configs import config_dataclass
+from ardetect.configs import Device, config_dataclass
 
 FIXED_EPSILON_ATTACKS = ("fgsm", "pgd", "noise")
 MINIMIZATION_ATTACKS = ("deepfool", "cw", "cw_conf")  # cw_conf: Carlini-Wagner at cw_high_confidence
@@ -118,6 +118,15 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if not self.epsilons and any(a in FIXED_EPSILON_ATTACKS for a in self.attacks):
             raise ValueError(f"epsilons is empty but fixed-ε attacks {FIXED_EPSILON_ATTACKS} were asked for")
+
+
+@config_dataclass
+class AttackParams(AttackConfig):
+    """``attack`` in params.yaml."""
+
+    num_images: PositiveInt = 200  # the first N test images the classifier gets right
+    device: Device = "auto"
+    progress: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ardetect.configs import as_plain, config_dataclass
+from ardetect.configs import Device, as_plain, config_dataclass
 from ardetect.models import atomic_torch_save, load_checkpoint
 
 ArrayLike = np.ndarray | Tensor
@@ -43,6 +43,14 @@ class ClassifierConfig:
     weight_decay: NonNegativeFloat = 0.0
     patience: PositiveInt = 2
     seed: NonNegativeInt = 0
+
+
+@config_dataclass
+class ClassifierParams(ClassifierConfig):
+    """``classifier`` in params.yaml: the recipe plus where and how verbosely to run it."""
+
+    device: Device = "auto"
+    progress: bool = True
 
 
 class SmallCNN(nn.Module):

@@ -246,10 +246,10 @@ def score_images(model: ARModel, images: np.ndarray, params: Params) -> tuple[np
     Dynamic binarization scores each image on its own (draws seeded with ``(score.seed, 0)``), so an
     image's score does not depend on the other files on the command line.
     """
+    from ardetect.devices import resolve_device
     from ardetect.scoring import score_bpd
-    from ardetect.training import resolve_device
 
-    device = resolve_device(params.score.device)
+    device = resolve_device(params.score.device, "score.device")
     binarization = params.binarize.mode if model.levels == 2 else None
     x = images[:, None]  # (N, 1, H, W)
     kw: dict[str, Any] = dict(device=device, progress=False, threshold=params.binarize.threshold)

@@ -1,11 +1,21 @@
-"""Frozen, validated config dataclasses for models (pydantic checks types and ranges on creation)."""
+"""Frozen, validated config dataclasses (pydantic checks types and ranges on creation), and the loading
+of params.yaml sections into them with errors that name each offending key::
+
+    params.yaml is invalid:
+      - train.defaults.lr = -0.1: Input should be greater than 0
+      - models.made.hparams.hiden: unknown key (did you mean 'hidden'?)
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar, dataclass_transform
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, dataclass_transform
 
-from pydantic import ConfigDict, Field
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 T = TypeVar("T")
@@ -29,3 +39,93 @@ def as_plain(value: Any) -> Any:
 def narrow(config: Any, cls: type[T]) -> T:
     """The ``cls`` part of a config that extends it (e.g. a params section adding ``device``)."""
     return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+# --- params.yaml sections -----------------------------------------------------------------------------
+# Each domain module owns its section's dataclass; a stage validates just the sections it reads (a small
+# schema dataclass whose fields are those sections), so its import closure, and hence its DVC deps, stay
+# narrow. ``ardetect.params`` composes every section for whole-file checks.
+
+Device = Literal["auto", "cpu", "cuda"]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+S = TypeVar("S")
+
+
+class ParamsError(ValueError):
+    """params.yaml has unknown keys, wrong types or out-of-range values (all listed in the message)."""
+
+
+def fields_at(schema: Any, loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the dataclass found by following ``loc`` from ``schema`` (for 'did you mean')."""
+    cls = schema
+    for part in loc:
+        if not dataclasses.is_dataclass(cls):
+            return []
+        cls = typing.get_type_hints(cls).get(str(part))
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def _format(loc: tuple[Any, ...], value: Any, msg: str, valid: list[str]) -> str:
+    path = ".".join(str(p) for p in loc)
+    if msg.startswith("Unexpected keyword argument") or msg.startswith("Extra inputs"):
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        extra = (
+            f" (did you mean {hint[0]!r}?)" if hint else (f" (allowed: {', '.join(valid)})" if valid else "")
+        )
+        return f"{path}: unknown key{extra}"
+    return f"{path} = {value!r}: {msg}"
+
+
+def error_lines(
+    err: ValidationError, schema: Any, prefix: tuple[Any, ...] = (), valid_fields: list[str] | None = None
+) -> list[str]:
+    """One line per pydantic error: the key's dotted path, its value, and what is allowed."""
+    out = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("function-after",))
+        valid = valid_fields if valid_fields is not None else fields_at(schema, loc[:-1])
+        out.append(_format(prefix + loc, e.get("input"), e["msg"], valid))
+    return out
+
+
+def invalid(source: str, problems: list[str]) -> ParamsError:
+    return ParamsError(f"{source} is invalid:\n" + "\n".join(f"  - {m}" for m in problems))
+
+
+def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The parsed YAML mapping; ParamsError when it is missing, not YAML, or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found; run from the repository root (where dvc.yaml is)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def parse_sections(schema: type[S], raw: Any, source: str = "params.yaml", *, partial: bool = True) -> S:
+    """Validate the sections of ``raw`` that ``schema``'s fields name (all of ``raw`` unless ``partial``).
+
+    ``schema`` may define ``problems() -> list[str]`` for checks across keys; every message is collected
+    and raised as one ParamsError before any work starts.
+    """
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source} must be a mapping of sections, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+    data = {k: v for k, v in raw.items() if k in names} if partial else raw
+    try:
+        parsed = TypeAdapter(schema).validate_python(data)
+    except ValidationError as err:
+        raise invalid(source, error_lines(err, schema)) from None
+    problems = parsed.problems() if hasattr(parsed, "problems") else []
+    if problems:
+        raise invalid(source, problems)
+    return parsed
+
+
+def load_sections(schema: type[S], path: str | Path = "params.yaml") -> S:
+    """A stage's sections of params.yaml, validated (see :func:`parse_sections`)."""
+    return parse_sections(schema, read_params_file(path), str(path))

@@ -22,8 +22,36 @@ from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import NonNegativeInt, PositiveInt
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.utils import check_integrity
+
+from ardetect.configs import Fraction, config_dataclass
+
+
+@config_dataclass
+class DataParams:
+    """``data`` in params.yaml: which dataset, where to find it offline, and the seeded split."""
+
+    dataset: Literal["mnist", "fashion-mnist", "digits"] = "fashion-mnist"
+    root: str | None = None
+    val_fraction: Fraction = 1 / 12
+    test_fraction: Fraction = 0.2
+    seed: NonNegativeInt = 0
+    max_train: PositiveInt | None = None
+    max_val: PositiveInt | None = None
+    max_test: PositiveInt | None = None
+
+
+@config_dataclass
+class BinarizeParams:
+    """``binarize`` in params.yaml: static (threshold) or dynamic (Bernoulli) binarisation."""
+
+    mode: Literal["static", "dynamic"] = "dynamic"
+    threshold: Fraction = 0.5
+    resample_train: bool = True
+    seed: NonNegativeInt = 0
+
 
 DatasetName = Literal["mnist", "fashion-mnist", "digits"]
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "digits")

@@ -27,10 +27,12 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
+from pydantic import NonNegativeInt, PositiveInt
 from scipy.stats import bootstrap, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from ardetect.attacksets import AttackSet
+from ardetect.configs import Fraction, config_dataclass
 
 COLUMNS = (
     "image_id",
@@ -48,6 +50,17 @@ SOURCES = ("train_ref", "calib", "test", "adversarial")
 CLEAN_SOURCES = ("train_ref", "calib", "test")
 #: Cells with fewer positives than this are flagged in reports and kept out of headline tables.
 MIN_CELL = 30
+
+
+@config_dataclass
+class DetectParams:
+    """``detect`` in params.yaml."""
+
+    fpr: Fraction = 0.05  # target false-positive rate, calibrated on clean test images (score.num_calib)
+    alpha: Fraction = 0.05  # p-value level (PixelDefend)
+    n_boot: PositiveInt = 1000  # bootstrap resamples for the AUROC interval
+    level: Fraction = 0.95
+    seed: NonNegativeInt = 0
 
 
 class RocCurve(NamedTuple):
@@ -355,10 +368,11 @@ def attack_outcomes(
 ) -> pd.DataFrame:
     """What each attack set achieves against ``model``'s detector on the same images (``image_ids``).
 
-    Per set: ``n``; ``classifier_success`` (fooled after rounding); ``evasion_rate`` (BPD at or under the
-    calibrated threshold, i.e. not flagged); ``joint_success`` (both: the attack's real goal against the
-    defended system); and the detector on the successful ones against their clean originals: ``n_pos``,
-    ``auroc``, ``tpr`` (at the threshold). Comparing an adaptive set with its oblivious counterpart on the
+    Per set: ``n``; ``classifier_success`` (fooled after rounding); ``evasion_rate`` (among those, the
+    fraction at or under the calibrated threshold, i.e. not flagged: 1 − ``tpr``); ``joint_success``
+    (both: the attack's real goal against the defended system, ``classifier_success × evasion_rate``);
+    and the detector on the successful ones against their clean originals: ``n_pos``, ``auroc``, ``tpr``
+    (at the threshold). Comparing an adaptive set with its oblivious counterpart on the
     same originals shows what knowing the detector buys the attacker.
     """
     df = validate_scores(scores)
@@ -380,7 +394,7 @@ def attack_outcomes(
                 "set": attack_set.slug,
                 "n": len(part),
                 "classifier_success": success.mean() if len(part) else np.nan,
-                "evasion_rate": evaded.mean() if len(part) else np.nan,
+                "evasion_rate": evaded[success].mean() if success.any() else np.nan,
                 "joint_success": (success & evaded).mean() if len(part) else np.nan,
                 "n_pos": len(pos),
                 "auroc": roc(neg, pos).auroc if len(pos) else np.nan,

@@ -21,7 +21,15 @@ from matplotlib.figure import Figure
 from scipy.stats import gaussian_kde
 
 from ardetect.attacksets import CONTROLS, AttackSet, format_epsilon
-from ardetect.detection import MIN_CELL, DetectionGroup, attack_outcomes, detection_groups, roc, with_pvalues
+from ardetect.detection import (
+    MIN_CELL,
+    DetectionGroup,
+    attack_outcomes,
+    detection_groups,
+    roc,
+    threshold_at_fpr,
+    with_pvalues,
+)
 
 
 def _grid(n: int, ncols: int, size: float = 3.6) -> tuple[Figure, list[Axes]]:
@@ -61,9 +69,10 @@ def roc_figure(scores: pd.DataFrame) -> Figure:
     return fig
 
 
-def bpd_density_figure(scores: pd.DataFrame) -> Figure:
+def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
     """One panel per model (PixelDefend's figure): BPD densities of the clean originals and of each
-    attack family at its smallest ε, overlaid (Gaussian KDE; a family with < 2 distinct values is a rug)."""
+    attack family at its smallest ε, overlaid (Gaussian KDE; a family with < 2 distinct values is a rug),
+    and the detection threshold calibrated at ``fpr`` on the model's ``calib`` rows (dashed)."""
     groups = _by_model(scores)
     if not groups:
         raise ValueError("the score table has no adversarial rows to draw BPD densities for")
@@ -86,6 +95,10 @@ def bpd_density_figure(scores: pd.DataFrame) -> Figure:
                 continue
             kw = {"color": color, "linewidth": 2.2} if color else {"linewidth": 1.4}
             ax.plot(grid, gaussian_kde(v)(grid), label=label, **kw)
+        calib = scores.loc[(scores["model"] == model) & (scores["source"] == "calib"), "bpd"]
+        if len(calib):
+            tau = threshold_at_fpr(calib, fpr)
+            ax.axvline(tau, color="gray", linestyle="--", label=f"threshold at {fpr:.0%} FPR ({tau:.3g})")
         ax.set(title=model, xlabel="bits per dimension", ylabel="density")
         ax.set_xlim(grid[0], grid[-1])
         ax.legend(fontsize=7)
@@ -218,9 +231,10 @@ def adaptive_comparison(
         f"bits/dim ({fpr:.0%} FPR on clean calibration images), through Carlini & Wagner's K+1 logit "
         f"(detected = max_k z_k + {meta['scale']:g} · (BPD − τ), the scale chosen by the strength sweep), "
         f"with BPDA through the 8-bit rounding and each pixel's likelihood relaxed between levels. "
-        f"Same {len(ids)} originals for both rows of a pair. **{headline}.** `evasion_rate`: BPD ≤ τ "
-        "(not flagged); `joint_success`: classifier fooled and not flagged; `auroc`/`tpr`: the detector on "
-        "the successful ones against their clean originals."
+        f"Same {len(ids)} originals for both rows of a pair. **{headline}.** `classifier_success`: fooled "
+        "after rounding; `evasion_rate`: among those, BPD ≤ τ (not flagged, 1 − `tpr`); `joint_success`: "
+        "fooled and not flagged; `auroc`/`tpr`: the detector on the fooling ones against their clean "
+        "originals."
     )
     return table, notes
 

@@ -27,7 +27,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ardetect.configs import config_dataclass
+from ardetect.configs import Device, config_dataclass
 from ardetect.models.base import ARModel
 
 Binarization = Literal["static", "dynamic"] | None
@@ -45,6 +45,17 @@ class ScoreConfig:
     num_draws: Annotated[int, Field(ge=2)] = 16
     seed: NonNegativeInt = 0
     batch_size: PositiveInt = 256
+
+
+@config_dataclass
+class ScoreParams(ScoreConfig):
+    """``score`` in params.yaml: which clean images are scored next to the adversarial ones."""
+
+    num_test: PositiveInt = 500  # first N clean test images (plus every attacked original)
+    num_calib: PositiveInt = 1000  # clean test images, disjoint from the evaluated: fix the threshold
+    num_train_ref: PositiveInt = 500  # training images: the reference distribution for p-values
+    device: Device = "auto"
+    progress: bool = True
 
 
 def gray_to_unit(gray: ArrayLike, image_shape: tuple[int, ...]) -> Tensor:

@@ -32,15 +32,27 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+)
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ardetect.configs import as_plain, config_dataclass
-from ardetect.models import ARModel, atomic_torch_save, checkpoint_dict, load_checkpoint
-
-Device = Literal["auto", "cpu", "cuda"]
+from ardetect.configs import Device, as_plain, config_dataclass, error_lines
+from ardetect.models import (
+    REGISTRY,
+    ARModel,
+    atomic_torch_save,
+    checkpoint_dict,
+    load_checkpoint,
+    model_class,
+)
 
 
 @config_dataclass
@@ -64,6 +76,62 @@ class TrainParams:
     channels_last: bool = False  # conv models on CUDA: measured +6-8% PixelCNN training on an H200
     num_samples: PositiveInt = 64
     progress: bool = True
+
+
+@config_dataclass
+class ModelEntry:
+    """``models.<name>`` in params.yaml: an architecture, its levels, its hparams, its training overrides."""
+
+    arch: str
+    levels: Literal[2, 256] = 2
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@config_dataclass
+class TrainSection:
+    """``train`` in params.yaml: which entries of ``models`` to train, and the shared defaults."""
+
+    models: list[str] = dataclasses.field(default_factory=lambda: ["fvsbn", "nade", "made"])
+    defaults: TrainParams = dataclasses.field(default_factory=TrainParams)
+
+
+def model_train_params(defaults: TrainParams, entry: ModelEntry) -> TrainParams:
+    """A model's training params: ``train.defaults`` with ``models.<name>.train`` on top."""
+    return dataclasses.replace(defaults, **entry.train)
+
+
+def model_problems(train: TrainSection, models: dict[str, ModelEntry]) -> list[str]:
+    """What is wrong with the models to train: unknown names, architectures, levels, hparams, overrides."""
+    problems = [
+        f"train.models[{i}] = {name!r}: no such entry under models (defined: {', '.join(models) or 'none'})"
+        for i, name in enumerate(train.models)
+        if name not in models
+    ]
+    for name, entry in models.items():
+        if entry.arch not in REGISTRY:
+            problems.append(
+                f"models.{name}.arch = {entry.arch!r}: unknown architecture "
+                f"(allowed: {', '.join(sorted(REGISTRY))})"
+            )
+            continue
+        cls = model_class(entry.arch)
+        if entry.levels not in cls.supported_levels:
+            problems.append(
+                f"models.{name}.levels = {entry.levels}: {entry.arch} supports {list(cls.supported_levels)}"
+            )
+        config_cls = cls.Config  # type: ignore[attr-defined]
+        names = [f.name for f in dataclasses.fields(config_cls)]
+        try:
+            TypeAdapter(config_cls).validate_python(entry.hparams)
+        except ValidationError as err:
+            problems += error_lines(err, config_cls, ("models", name, "hparams"), names)
+        try:
+            TypeAdapter(TrainParams).validate_python({**dataclasses.asdict(train.defaults), **entry.train})
+        except ValidationError as err:
+            fields = [f.name for f in dataclasses.fields(TrainParams)]
+            problems += error_lines(err, TrainParams, ("models", name, "train"), fields)
+    return problems
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,16 +193,6 @@ class _TrainingLoss(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model.training_nll(x)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "train.defaults.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'"
-        )
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 @torch.inference_mode()
