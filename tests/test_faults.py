@@ -354,6 +354,7 @@ def test_score_without_a_trained_model_names_it_and_writes_nothing(
     spec = importlib.util.spec_from_file_location("score_stage", ROOT / "pipeline" / "score.py")
     assert spec is not None and spec.loader is not None
     stage = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, stage)  # dataclasses look their module up there
     spec.loader.exec_module(stage)
     with pytest.raises(FileNotFoundError) as info:
         stage.main()
