@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from ardetect.adaptive import AdaptiveParams, adaptive_problems, run_adaptive, strength_sweep, sweep_figure
 from ardetect.attacks import AttackParams, adversarial_figure, select_correct
-from ardetect.attacksets import AttackSet
+from ardetect.attacksets import AttackSet, save_attack_set
 from ardetect.classifier import load_classifier, predict
 from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import load_split
@@ -97,8 +95,9 @@ def main() -> None:
         with staged_outputs(*OUTS) as (out, metrics_path):
             out.mkdir()
             for r in results:
-                np.savez(
-                    out / f"{r.attack_set.slug}.npz",
+                save_attack_set(
+                    out,
+                    r.attack_set,
                     adversarial=r.adversarial,
                     source_index=index,
                     label=y,
@@ -113,8 +112,6 @@ def main() -> None:
                     l2=r.l2,
                     threshold=tau,
                     scale=scale,
-                    epsilon=r.attack_set.epsilon_or_nan,
-                    attack=r.attack_set.attack,
                 )
             save_figure(sweep_figure(sweep, clean_bpd, tau), out / "sweep.png")
             save_figure(adversarial_figure(x, y, results), out / "examples.png")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from ardetect.attacks import AttackParams, adversarial_figure, attack_summary, run_attacks, select_correct
+from ardetect.attacksets import save_attack_set
 from ardetect.classifier import load_classifier
 from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import load_split
@@ -64,8 +63,9 @@ def main() -> None:
         with staged_outputs(*OUTS) as (out, metrics_path):
             out.mkdir()
             for r in results:
-                np.savez(
-                    out / f"{r.attack_set.slug}.npz",
+                save_attack_set(
+                    out,
+                    r.attack_set,
                     adversarial=r.adversarial,
                     source_index=index,
                     label=labels,
@@ -75,8 +75,6 @@ def main() -> None:
                     prediction=r.prediction,
                     linf=r.linf,
                     l2=r.l2,
-                    epsilon=np.nan if r.epsilon is None else r.epsilon,
-                    attack=r.attack,
                 )
             summary.to_csv(out / "summary.csv", index=False)
             save_figure(adversarial_figure(images, labels, results), out / "examples.png")

@@ -33,7 +33,7 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveIn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ardetect.attacks import AttackParams, Epsilon, failure_sentinel
+from ardetect.attacks import AttackParams, Epsilon, failure_sentinel, perturbation_norms
 from ardetect.attacksets import AttackSet
 from ardetect.classifier import seeded
 from ardetect.configs import Device, config_dataclass
@@ -260,7 +260,7 @@ def run_adaptive(
         levels = torch.as_tensor(adversarial).float().to(device)  # (N, C, H, W)
         prediction = classifier(levels / 255.0).argmax(1).cpu().numpy()
         bpd = density.bpd(levels).double().cpu().numpy()
-    delta = (adversarial.astype(np.float64) - images_uint8.astype(np.float64)).reshape(len(raw), -1) / 255.0
+    linf, l2 = perturbation_norms((adversarial.astype(np.float64) - images_uint8.astype(np.float64)) / 255.0)
     success = (prediction != np.asarray(labels)) & ~failed
     evaded = bpd <= threshold
     return AdaptiveResult(
@@ -273,8 +273,8 @@ def run_adaptive(
         evaded=evaded,
         joint=success & evaded,
         failed=failed,
-        linf=np.abs(delta).max(1),
-        l2=np.sqrt((delta**2).sum(1)),
+        linf=linf,
+        l2=l2,
         scale=scale,
         seconds_per_image=seconds,
     )

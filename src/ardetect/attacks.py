@@ -211,7 +211,8 @@ def failure_sentinel(clean: np.ndarray, output: np.ndarray, epsilon: float | Non
     return np.asarray((flat_out == 0).all(1) & (flat_clean.max(1, initial=0.0) > reach + 1e-6))
 
 
-def _norms(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def perturbation_norms(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """L∞ and L2 norm of each perturbation (N, ...), float64 arrays of shape (N,)."""
     flat = delta.reshape(len(delta), -1).astype(np.float64)  # (N, D)
     return np.abs(flat).max(1, initial=0.0), np.sqrt((flat**2).sum(1))
 
@@ -258,8 +259,8 @@ def run_attacks(
             else:
                 adversarial = scored = raw
             pred = predict(model, adversarial, config.batch_size)
-            linf, l2 = _norms(scored - clean)
-            linf_raw, l2_raw = _norms(raw - clean)
+            linf, l2 = perturbation_norms(scored - clean)
+            linf_raw, l2_raw = perturbation_norms(raw - clean)
             results.append(
                 AttackResult(
                     attack=name,

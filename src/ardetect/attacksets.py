@@ -11,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 #: Report order of the attack families; controls first, adaptive (defence-aware) attacks last.
 FAMILIES = ("noise", "fgsm", "pgd", "deepfool", "cw", "cw_conf", "adaptive_pgd", "adaptive_cw")
@@ -86,3 +90,11 @@ class AttackSet:
 def sorted_sets(sets: Iterable[AttackSet]) -> list[AttackSet]:
     """Distinct sets in report order (family, then ε numerically)."""
     return sorted(set(sets), key=lambda s: s.sort_key)
+
+
+def save_attack_set(folder: Path, attack_set: AttackSet, **arrays: Any) -> Path:
+    """Write one set's arrays (adversarial images, source_index, label, success, …) as
+    ``folder/<slug>.npz``, with its attack and ε (NaN when unbounded, the file boundary's convention)."""
+    path = folder / f"{attack_set.slug}.npz"
+    np.savez(path, attack=attack_set.attack, epsilon=attack_set.epsilon_or_nan, **arrays)
+    return path
