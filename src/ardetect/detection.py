@@ -21,6 +21,7 @@ images, never exactly 0).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 from pydantic import NonNegativeInt, PositiveInt
-from scipy.stats import bootstrap, rankdata
+from scipy.stats import DegenerateDataWarning, bootstrap, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from ardetect.attacksets import AttackSet
@@ -111,13 +112,15 @@ def bootstrap_auroc_ci(
     level: float = 0.95,
     paired: bool = True,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the AUROC.
+    """Bootstrap CI of the AUROC (BCa; percentile where BCa is undefined, e.g. every resample at 1).
 
     ``paired`` (the default, for adversarials and their own clean originals): ``neg[i]`` and ``pos[i]``
     are one image before and after the attack, so resample image indices and keep the pairs together
     (``scipy.stats.bootstrap(paired=True)``). Resampling the two groups independently ignores the
     positive correlation of a pair's BPDs and gives intervals several times too wide.
-    ``paired=False`` resamples each class on its own (independent samples).
+    ``paired=False`` resamples each class on its own (independent samples). On correlated synthetic
+    pairs (n = 60) the paired BCa interval covers the true AUROC 93% of the time at the 95% level, the
+    paired percentile one 90.5%, the unpaired one 100% (2.5x wider): ``tests/test_evaluation.py``.
     """
     neg, pos = _scores(scores_neg, "scores_neg"), _scores(scores_pos, "scores_pos")
     if not 0 < level < 1:
@@ -130,18 +133,25 @@ def bootstrap_auroc_ci(
         )
     if len(neg) < 2 or len(pos) < 2:
         return float("nan"), float("nan")
-    res = bootstrap(
-        (neg, pos),
-        _auroc_statistic,
-        paired=paired,
-        vectorized=True,
-        n_resamples=n_boot,
-        batch=max(1, 2_000_000 // (len(neg) + len(pos))),  # bounds memory to a few 10s of MB
-        confidence_level=level,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateDataWarning)  # BCa undefined: percentile below
+            warnings.simplefilter("ignore", RuntimeWarning)  # its 0/0 on the way there
+            res = bootstrap(
+                (neg, pos),
+                _auroc_statistic,
+                paired=paired,
+                vectorized=True,
+                n_resamples=n_boot,
+                batch=max(1, 2_000_000 // (len(neg) + len(pos))),  # bounds memory to a few 10s of MB
+                confidence_level=level,
+                method=method,
+                rng=np.random.default_rng(seed),
+            )
+        low, high = res.confidence_interval
+        if np.isfinite(low) and np.isfinite(high):
+            break
+    return float(low), float(high)
 
 
 def threshold_at_fpr(calib_clean_scores: ArrayLike, fpr: float = 0.05) -> float:
