@@ -128,13 +128,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
         m: {
             "pgd_e8": {"auroc": 0.61 + i / 10, "n_pos": 50.0},
             "fgsm_e8": {"auroc": 0.72 + i / 10, "n_pos": 3.0},
+            "pgd_e25": {"auroc": 0.81 + i / 10, "n_pos": 50.0},
+            "adaptive_pgd_e8": {"auroc": 0.55 + i / 10, "n_pos": 40.0},
         }
         for i, m in enumerate(["tiny_bin", "tiny_8bit"])
     }
     (root / cli.DETECTION_METRICS).write_text(json.dumps(detection, sort_keys=True))
     (root / cli.CLASSIFIER_METRICS).write_text(json.dumps({"test_accuracy": 0.9078, "epochs_run": 4}))
-    (root / "data/attacks").mkdir(parents=True)
-    pd.DataFrame({"set": ["fgsm_e8", "pgd_e8"]}).to_csv(root / cli.ATTACK_SUMMARY, index=False)
 
     png_dir = root / "images"
     png_dir.mkdir()
@@ -420,9 +420,13 @@ def test_report_lists_paths_and_auroc_table(capsys: pytest.CaptureFixture[str], 
     assert "test_accuracy 0.9078" in out
     lines = out.splitlines()
     header = lines[lines.index("AUROC (rows: models, columns: attack sets)") + 1]
-    assert header.split() == ["fgsm_e8", "pgd_e8"]  # the attack summary's order, not the file's
+    # report order (family, then ε numerically), not the file's alphabetical order
+    assert header.split() == ["fgsm_e8", "pgd_e8", "pgd_e25", "adaptive_pgd_e8"]
     rows = {ln.split()[0]: ln.split()[1:] for ln in lines if ln.startswith("tiny_")}
-    assert rows == {"tiny_bin": ["0.720", "0.610"], "tiny_8bit": ["0.820", "0.710"]}
+    assert rows == {
+        "tiny_bin": ["0.720", "0.610", "0.810", "0.550"],
+        "tiny_8bit": ["0.820", "0.710", "0.910", "0.650"],
+    }
     assert list(rows) == ["tiny_bin", "tiny_8bit"]  # params.yaml's order
     assert "fgsm_e8 (n=3)" in out
 
@@ -433,7 +437,12 @@ def test_report_json(capsys: pytest.CaptureFixture[str], project: Project) -> No
     data = json.loads(out)
     assert Path(data["report"]).is_absolute() and data["report"].endswith("data/report/report.md")
     assert [Path(p).name for p in data["figures"]] == ["bpd_densities.png", "roc.png"]
-    assert data["auroc"]["tiny_8bit"] == {"fgsm_e8": pytest.approx(0.82), "pgd_e8": pytest.approx(0.71)}
+    assert data["auroc"]["tiny_8bit"] == {
+        "fgsm_e8": pytest.approx(0.82),
+        "pgd_e8": pytest.approx(0.71),
+        "pgd_e25": pytest.approx(0.91),
+        "adaptive_pgd_e8": pytest.approx(0.65),
+    }
     assert data["classifier"]["test_accuracy"] == 0.9078
     assert data["small_sets"] == {"fgsm_e8": 3}
 

@@ -35,6 +35,8 @@ def test_attack_set_names_and_numeric_order() -> None:
     assert AttackSet.of("cw", np.nan) == AttackSet("cw") and AttackSet.of("cw", np.nan).epsilon is None
     assert math.isnan(AttackSet("cw").epsilon_or_nan) and format_epsilon(None) == "—"
     assert AttackSet("adaptive_pgd", 8 / 255).oblivious == pgd8
+    for s in (pgd8, pgd25, AttackSet("cw_conf"), AttackSet("adaptive_pgd", 25 / 255), AttackSet("pgd", 0.3)):
+        assert AttackSet.from_slug(s.slug) == s
     shuffled = [AttackSet("adaptive_cw"), pgd25, AttackSet("cw"), pgd8, AttackSet("noise", 51 / 255), pgd8]
     order = [s.slug for s in sorted_sets(shuffled)]
     assert order == ["noise_e51", "pgd_e8", "pgd_e25", "cw", "adaptive_cw"]  # 8/255 before 25/255

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ class AttackSet:
         """From table cells, where an unbounded ε is stored as NaN."""
         eps = None if epsilon is None else float(epsilon)  # type: ignore[arg-type]
         return cls(str(attack), None if eps is None or math.isnan(eps) else eps)
+
+    @classmethod
+    def from_slug(cls, slug: str) -> AttackSet:
+        """The inverse of :attr:`slug`: ``pgd_e8`` → ``AttackSet("pgd", 8/255)``, ``cw`` → unbounded."""
+        match = re.fullmatch(r"(.+)_e(\d+(?:\.\d*)?(?:e-?\d+)?)", slug)
+        if match is None:
+            return cls(slug)
+        attack, eps = match.groups()
+        return cls(attack, int(eps) / 255 if eps.isdigit() else float(eps))
 
     @property
     def epsilon_or_nan(self) -> float:

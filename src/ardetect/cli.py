@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,6 @@ MODELS = Path("data/models")
 REPORT_DIR = Path("data/report")
 DETECTION_METRICS = Path("data/metrics/detection.json")
 CLASSIFIER_METRICS = Path("data/metrics/classifier.json")
-ATTACK_SUMMARY = Path("data/attacks/summary.csv")
 REPRO = "run `dvc repro` in the project root first"
 
 
@@ -344,23 +343,22 @@ def _small_sets(detection: dict[str, dict[str, dict[str, float]]]) -> dict[str, 
     return {k: v for k, v in n.items() if v < MIN_CELL}
 
 
-def _display_orders(root: Path) -> tuple[list[str], list[str]]:
-    """Model order from params.yaml's train.models and set order from the attack summary (if readable)."""
-    import pandas as pd
+def _model_order(root: Path) -> list[str]:
+    """Model order from params.yaml's train.models (empty if unreadable)."""
     import yaml
 
-    models: list[str] = []
     try:
         raw = yaml.safe_load((root / "params.yaml").read_text())
-        models = [str(m) for m in raw["train"]["models"]]
+        return [str(m) for m in raw["train"]["models"]]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
-        pass
-    sets: list[str] = []
-    try:
-        sets = [str(s) for s in pd.read_csv(root / ATTACK_SUMMARY, usecols=["set"])["set"]]
-    except (OSError, ValueError):
-        pass
-    return models, sets
+        return []
+
+
+def _report_order(sets: Iterable[str]) -> list[str]:
+    """Set slugs in report order: attack family, then ε numerically (8/255 before 25/255)."""
+    from ardetect.attacksets import AttackSet
+
+    return sorted(sets, key=lambda slug: AttackSet.from_slug(slug).sort_key)
 
 
 def report_summary(root: Path) -> dict[str, Any]:
@@ -379,7 +377,9 @@ def report_summary(root: Path) -> dict[str, Any]:
     return {
         "report": str(report),
         "figures": [str(p) for p in sorted(report.parent.glob("*.png"))],
-        "auroc": auroc_table(detection, *_display_orders(root)),
+        "auroc": auroc_table(
+            detection, _model_order(root), _report_order({s for sets in detection.values() for s in sets})
+        ),
         "small_sets": _small_sets(detection),
         "classifier": classifier,
     }
