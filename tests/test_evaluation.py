@@ -240,3 +240,4 @@ def test_adaptive_cw_runs_and_judges_after_rounding(tiny) -> None:  # type: igno
     assert np.array_equal(r.prediction, pred)
     assert np.array_equal(r.success, (pred != y) & ~r.failed)
     assert r.summary()["n"] == len(x)
+    assert all(p.requires_grad for p in (*clf.parameters(), *density.parameters())), "frozen only meanwhile"

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import foolbox as fb
@@ -191,6 +192,20 @@ class AdaptiveResult:
         }
 
 
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """No parameter gradients inside the block (the attack differentiates the input only); restored after."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def runner_up(classifier: nn.Module, x: Tensor) -> Tensor:
     """The target of the targeted attack: each image's second most likely class, (B,)."""
     with torch.no_grad():
@@ -234,15 +249,13 @@ def run_adaptive(
     steps = steps or (config.pgd_steps if attack_set.attack == "adaptive_pgd" else config.cw_steps)
     device = torch.device(device)
     classifier, density = classifier.to(device).eval(), density.to(device).eval()
-    for p in (*classifier.parameters(), *density.parameters()):
-        p.requires_grad_(False)
     wrapped = DetectorAware(classifier, density, threshold, scale, relax).eval()
     fmodel = fb.PyTorchModel(wrapped, bounds=(0.0, 1.0), device=device)
     attack = _foolbox_attack(attack_set.attack, attack_set.epsilon, config, steps)
     x_all = torch.as_tensor(images_uint8).float() / 255.0  # (N, C, H, W)
     advs, targets = [], []
     start = time.perf_counter()
-    with seeded(config.seed, device):
+    with seeded(config.seed, device), frozen(classifier, density):
         for i in tqdm(range(0, len(x_all), config.batch_size), desc=attack_set.slug, disable=not progress):
             xb = x_all[i : i + config.batch_size].to(device)  # (B, C, H, W)
             target = runner_up(classifier, xb)  # (B,)

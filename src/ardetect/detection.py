@@ -279,13 +279,14 @@ def _pct(x: float) -> str:
     return f"{100 * x:g}"
 
 
-def _reference_rows(per_model: pd.DataFrame, model: str) -> tuple[pd.Series, pd.Series]:
+def _calibration(per_model: pd.DataFrame, model: str, fpr: float) -> tuple[float, pd.Series]:
+    """The model's threshold at ``fpr`` on its ``calib`` rows, and its ``train_ref`` BPDs (p-values)."""
     calib = per_model.loc[per_model["source"] == "calib", "bpd"]
     ref = per_model.loc[per_model["source"] == "train_ref", "bpd"]
     for what, part in (("calib", calib), ("train_ref", ref)):
         if part.empty:
             raise ValueError(f"model {model!r} has no {what!r} rows; the detection table needs them")
-    return calib, ref
+    return threshold_at_fpr(calib, fpr), ref
 
 
 def detection_table(
@@ -309,9 +310,11 @@ def detection_table(
     df = validate_scores(scores)
     tpr_col = f"tpr_at_{_pct(fpr)}fpr"
     rows = []
+    calibrations: dict[str, tuple[float, pd.Series]] = {}
     for g in detection_groups(df):
-        calib, ref = _reference_rows(df[df["model"] == g.model], g.model)
-        threshold = threshold_at_fpr(calib, fpr)
+        if g.model not in calibrations:
+            calibrations[g.model] = _calibration(df[df["model"] == g.model], g.model, fpr)
+        threshold, ref = calibrations[g.model]
         row: dict[str, object] = {
             "model": g.model,
             "set": g.attack_set.slug,
@@ -357,13 +360,12 @@ def realized_fpr(scores: pd.DataFrame, fpr: float = 0.05) -> pd.DataFrame:
     df = validate_scores(scores)
     rows = []
     for model, per_model in df.groupby("model", sort=False):
-        calib, _ = _reference_rows(per_model, str(model))
+        threshold, _ = _calibration(per_model, str(model), fpr)
         test = per_model.loc[per_model["source"] == "test", "bpd"]
-        threshold = threshold_at_fpr(calib, fpr)
         rows.append(
             {
                 "model": model,
-                "n_calib": len(calib),
+                "n_calib": int((per_model["source"] == "calib").sum()),
                 "n_test": len(test),
                 "threshold": threshold,
                 "target_fpr": fpr,
@@ -387,8 +389,7 @@ def attack_outcomes(
     """
     df = validate_scores(scores)
     per_model = df[df["model"] == model]
-    calib, _ = _reference_rows(per_model, model)
-    threshold = threshold_at_fpr(calib, fpr)
+    threshold, _ = _calibration(per_model, model, fpr)
     ids = np.asarray(image_ids)
     adv = per_model[(per_model["source"] == "adversarial") & per_model["image_id"].isin(ids)]
     clean = per_model[per_model["source"] == "test"].set_index("image_id")["bpd"]
