@@ -77,13 +77,14 @@ def main() -> None:
             run_adaptive(clf, density, x, y, s, tau, scale, p, device=device, progress=p.progress)
             for s in sets
         ]
-        clean_bpd = float(score_bpd(density, x, None, params.score, device, progress=False)[0].mean())
+        clean_bpd, _ = score_bpd(density, x, None, params.score, device, progress=False)
+        sets_metrics = {r.attack_set.slug: r.summary() for r in results}
         metrics = {
             "model": p.model,
             "threshold": tau,
             "scale": scale,
-            "clean_bpd_mean": clean_bpd,
-            "sets": {r.attack_set.slug: r.summary() for r in results},
+            "clean_bpd_mean": float(clean_bpd.mean()),
+            "sets": sets_metrics,
             "sweep": {
                 f"{r.label} ({r.result.attack_set.slug}, {p.sweep_steps} steps)": {
                     **r.result.summary(),
@@ -113,14 +114,14 @@ def main() -> None:
                     threshold=tau,
                     scale=scale,
                 )
-            save_figure(sweep_figure(sweep, clean_bpd, tau), out / "sweep.png")
+            save_figure(sweep_figure(sweep, float(clean_bpd[:n_sweep].mean()), tau), out / "sweep.png")
             save_figure(adversarial_figure(x, y, results), out / "examples.png")
-            for slug, m in metrics["sets"].items():  # type: ignore[attr-defined]
+            for slug, m in sets_metrics.items():
                 run.log_headline(m, prefix=f"adaptive/{slug}")
             run.log_artifact(out / "sweep.png")
             run.log_artifact(out / "examples.png")
             write_json(metrics_path, metrics)
-        for slug, m in metrics["sets"].items():  # type: ignore[attr-defined]
+        for slug, m in sets_metrics.items():
             print(
                 f"{slug}: classifier fooled {m['classifier_success']:.0%}, of those under τ "
                 f"{m['evasion_rate']:.0%}, both {m['joint_success']:.0%} (scale {scale:g}, τ = {tau:.3f} bpd)"
