@@ -98,19 +98,13 @@ def main() -> None:
             for r in results:
                 save_attack_set(
                     out,
-                    r.attack_set,
-                    adversarial=r.adversarial,
-                    source_index=index,
-                    label=y,
+                    r,
+                    index,
+                    y,
                     target=r.target,
-                    prediction=r.prediction,
-                    success=r.success,
+                    bpd=r.bpd,
                     evaded=r.evaded,
                     joint=r.joint,
-                    failed=r.failed,
-                    bpd=r.bpd,
-                    linf=r.linf,
-                    l2=r.l2,
                     threshold=tau,
                     scale=scale,
                 )

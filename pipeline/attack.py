@@ -63,19 +63,7 @@ def main() -> None:
         with staged_outputs(*OUTS) as (out, metrics_path):
             out.mkdir()
             for r in results:
-                save_attack_set(
-                    out,
-                    r.attack_set,
-                    adversarial=r.adversarial,
-                    source_index=index,
-                    label=labels,
-                    success=r.success,
-                    success_before_rounding=r.success_before_rounding,
-                    failed=r.failed,
-                    prediction=r.prediction,
-                    linf=r.linf,
-                    l2=r.l2,
-                )
+                save_attack_set(out, r, index, labels, success_before_rounding=r.success_before_rounding)
             # wall time stays in attack.json (not cached): in data/attacks it would change the folder's
             # hash on every run and rerun score and detect for nothing
             summary.drop(columns="seconds_per_image").to_csv(out / "summary.csv", index=False)

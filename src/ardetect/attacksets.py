@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -102,9 +102,44 @@ def sorted_sets(sets: Iterable[AttackSet]) -> list[AttackSet]:
     return sorted(set(sets), key=lambda s: s.sort_key)
 
 
-def save_attack_set(folder: Path, attack_set: AttackSet, **arrays: Any) -> Path:
-    """Write one set's arrays (adversarial images, source_index, label, success, …) as
-    ``folder/<slug>.npz``, with its attack and ε (NaN when unbounded, the file boundary's convention)."""
-    path = folder / f"{attack_set.slug}.npz"
-    np.savez(path, attack=attack_set.attack, epsilon=attack_set.epsilon_or_nan, **arrays)
+class AttackOutput(Protocol):
+    """What every attack set file holds per image (an AttackResult, an AdaptiveResult)."""
+
+    @property
+    def attack_set(self) -> AttackSet: ...
+    @property
+    def adversarial(self) -> np.ndarray: ...
+    @property
+    def prediction(self) -> np.ndarray: ...
+    @property
+    def success(self) -> np.ndarray: ...
+    @property
+    def failed(self) -> np.ndarray: ...
+    @property
+    def linf(self) -> np.ndarray: ...
+    @property
+    def l2(self) -> np.ndarray: ...
+
+
+def save_attack_set(
+    folder: Path, result: AttackOutput, source_index: np.ndarray, label: np.ndarray, **extra: Any
+) -> Path:
+    """Write one set as ``folder/<slug>.npz``: its attack and ε (NaN when unbounded, the file boundary's
+    convention), the attacked originals (``source_index`` into the test split, ``label``), the images
+    and per-image verdicts every set has, and ``extra`` arrays of its own."""
+    path = folder / f"{result.attack_set.slug}.npz"
+    np.savez(
+        path,
+        attack=result.attack_set.attack,
+        epsilon=result.attack_set.epsilon_or_nan,
+        source_index=source_index,
+        label=label,
+        adversarial=result.adversarial,
+        prediction=result.prediction,
+        success=result.success,
+        failed=result.failed,
+        linf=result.linf,
+        l2=result.l2,
+        **extra,
+    )
     return path
