@@ -8,7 +8,6 @@ the likelihood contract, checkpoints, and a short training run.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -33,13 +32,7 @@ NO_BLIND_SPOT = {"rnn", "gated_pixelcnn", "transformer"}  # these see every earl
 SEQUENCE_MODELS = [case for case in DEEP_CASES if case[0] in ("rnn", "transformer")]  # any C, cached samplers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: a second OpenMP thread only adds sync cost (100x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model: torch.nn.Module, gain: float = 1.0) -> None:

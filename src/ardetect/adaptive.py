@@ -172,10 +172,6 @@ class AdaptiveResult:
     scale: float
     seconds_per_image: float
 
-    @property
-    def name(self) -> str:
-        return self.attack_set.label
-
     def summary(self) -> dict[str, float]:
         ok = self.success
         return {

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 import foolbox as fb
 import numpy as np
@@ -52,7 +52,7 @@ from pydantic import (
 from torch import nn
 from tqdm.auto import tqdm
 
-from ardetect.attacksets import AttackSet
+from ardetect.attacksets import AttackOutput, AttackSet
 from ardetect.classifier import ArrayLike, as_labels, predict, seeded
 from ardetect.configs import Device, config_dataclass
 
@@ -329,23 +329,10 @@ def select_correct(
     return correct[:n]
 
 
-class ShownSet(Protocol):
-    """What :func:`adversarial_figure` draws of an attack set (an AttackResult, an AdaptiveResult)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def adversarial(self) -> np.ndarray: ...
-    @property
-    def success(self) -> np.ndarray: ...
-    @property
-    def prediction(self) -> np.ndarray: ...
-
-
 def adversarial_figure(
     originals: ArrayLike,
     labels: ArrayLike,
-    results: Sequence[ShownSet],
+    results: Sequence[AttackOutput],
     n: int = 6,
     class_names: Sequence[str] | None = None,
 ) -> Figure:
@@ -373,7 +360,7 @@ def adversarial_figure(
             axes[i, j].imshow(imgs[j, 0], cmap="gray", vmin=0, vmax=1)
             color = "tab:red" if r.success[j] else "gray"
             axes[i, j].set_title(label(int(r.prediction[j])), fontsize=8, color=color)
-        axes[i, 0].set_ylabel(r.name, fontsize=8)
+        axes[i, 0].set_ylabel(r.attack_set.label, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

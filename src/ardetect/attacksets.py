@@ -103,7 +103,8 @@ def sorted_sets(sets: Iterable[AttackSet]) -> list[AttackSet]:
 
 
 class AttackOutput(Protocol):
-    """What every attack set file holds per image (an AttackResult, an AdaptiveResult)."""
+    """One attack set's per-image results (an AttackResult, an AdaptiveResult): what its file holds and
+    what the example figures draw."""
 
     @property
     def attack_set(self) -> AttackSet: ...
