@@ -18,13 +18,13 @@ test: install browser-package
 	$(BIN)/ruff check src pipeline tests benchmarks
 	$(BIN)/ruff format --check src pipeline tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 install: $(STAMP) data-package
 
 # Headless Chromium (Debian's package) for the browser check of the MLflow UI in the tests.
 browser-package:
-	@if command -v chromium >/dev/null 2>&1; then :; \
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \

@@ -23,7 +23,7 @@ from ardetect.io import staged_outputs, write_json
 from ardetect.models import load_model, trained_model_paths
 from ardetect.report import save_figure
 from ardetect.scoring import ScoreParams, clean_test_pools, score_bpd
-from ardetect.tracking import TrackingParams, stage_run
+from ardetect.tracking import TrackingParams, run_stage, stage_run
 from ardetect.training import ModelEntry, TrainSection
 
 DATA, MODELS, CLASSIFIER = Path("data/dataset"), Path("data/models"), Path("data/classifier/model.pt")
@@ -123,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

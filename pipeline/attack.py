@@ -17,7 +17,7 @@ from ardetect.data import load_split
 from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
 from ardetect.report import save_figure
-from ardetect.tracking import TrackingParams, stage_run
+from ardetect.tracking import TrackingParams, run_stage, stage_run
 
 DATA = Path("data/dataset")
 CLASSIFIER = Path("data/classifier/model.pt")
@@ -83,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -8,7 +8,7 @@ from pathlib import Path
 from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import SPLITS, BinarizeParams, binarize_splits, load_split, save_split
 from ardetect.io import staged_outputs, write_json
-from ardetect.tracking import TrackingParams, stage_run
+from ardetect.tracking import TrackingParams, run_stage, stage_run
 
 IN = Path("data/dataset")
 OUT = Path("data/binarized")
@@ -35,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

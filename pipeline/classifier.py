@@ -18,7 +18,7 @@ from ardetect.configs import config_dataclass, load_sections, narrow
 from ardetect.data import load_split
 from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
-from ardetect.tracking import TrackingParams, stage_run
+from ardetect.tracking import TrackingParams, run_stage, stage_run
 
 DATA = Path("data/dataset")
 OUTS = Path("data/classifier"), Path("data/metrics/classifier.json"), Path("data/plots/classifier.csv")
@@ -63,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

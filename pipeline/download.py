@@ -9,7 +9,7 @@ from pathlib import Path
 from ardetect.data import describe, prepare, save_split
 from ardetect.io import staged_outputs, write_json
 from ardetect.params import load_params
-from ardetect.tracking import stage_run
+from ardetect.tracking import run_stage, stage_run
 
 OUT = Path("data/dataset")
 CACHE = Path("data/torchvision")
@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

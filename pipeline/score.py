@@ -19,8 +19,8 @@ from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import load_model, trained_model_paths
 from ardetect.scoring import ImageSet, ScoreParams, clean_test_pools, score_table
-from ardetect.tracking import TrackingParams, stage_run
-from ardetect.training import TrainSection
+from ardetect.tracking import TrackingParams, run_stage, stage_run
+from ardetect.training import ModelEntry, TrainSection, detector_models
 
 DATA, ATTACKS, ADAPTIVE, MODELS = (Path(f"data/{d}") for d in ("dataset", "attacks", "adaptive", "models"))
 CLASSIFIER = Path("data/classifier/model.pt")
@@ -32,6 +32,7 @@ class StageParams:
     score: ScoreParams = dataclasses.field(default_factory=ScoreParams)
     binarize: BinarizeParams = dataclasses.field(default_factory=BinarizeParams)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    models: dict[str, ModelEntry] = dataclasses.field(default_factory=dict)
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
 
@@ -44,7 +45,8 @@ def main() -> None:
     params = load_sections(StageParams)
     p = params.score
     device = resolve_device(p.device, "score.device")
-    model_paths = trained_model_paths(MODELS, params.train.models)  # fails first, naming what is missing
+    detectors = detector_models(params.train, params.models)  # background models detect nothing
+    model_paths = trained_model_paths(MODELS, detectors)  # fails first, naming what is missing
     splits = {s: load_split(DATA / f"{s}.npz") for s in ("train", "test")}
     clf = load_classifier(CLASSIFIER, device)
     adv_files = sorted(ATTACKS.glob("*.npz")) + sorted(ADAPTIVE.glob("*.npz"))
@@ -83,7 +85,7 @@ def main() -> None:
                 )
             )
     models = {}
-    for name in params.train.models:
+    for name in detectors:
         model = load_model(model_paths[name])
         models[name] = (model, params.binarize.mode if model.levels == 2 else None)
     with stage_run(
@@ -113,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -19,17 +19,17 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 
 from ardetect.configs import ParamsError, config_dataclass, load_sections
-from ardetect.data import BinarizeParams, training_data
+from ardetect.data import BinarizeParams, mutation_resampler, training_data
 from ardetect.devices import resolve_device
+from ardetect.distributed import init_distributed
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import build_model, save_model
-from ardetect.tracking import StageRun, TrackingParams, stage_run
+from ardetect.tracking import StageRun, TrackingParams, run_stage, stage_run
 from ardetect.training import (
     ModelEntry,
     TrainSection,
     evaluate_nll,
     fit,
-    init_distributed,
     model_problems,
     model_train_params,
     nats_to_bpd,
@@ -69,6 +69,11 @@ def train(name: str, *, lead: bool, world_size: int) -> None:
     device = resolve_device(tp.device, f"models.{name}.train.device (or train.defaults.device)")
     b = params.binarize
     data = training_data(DATA, entry.levels, b.mode, b.resample_train, b.seed + tp.seed, device)
+    train_set = (  # a background model (Ren et al.) trains on freshly mutated images each epoch
+        mutation_resampler(data.train, entry.mutation_rate, entry.levels, tp.seed)
+        if entry.is_background
+        else data.train
+    )
     torch.manual_seed(tp.seed)  # model initialisation is part of the seeded run
     model = build_model(entry.arch, data.image_shape, levels=entry.levels, **entry.hparams)
     outs = (
@@ -102,7 +107,7 @@ def train(name: str, *, lead: bool, world_size: int) -> None:
 
         result = fit(
             model,
-            data.train,
+            train_set,
             data.val,
             tp,
             checkpoint_path=ckpt_dir / "best.pt",
@@ -136,7 +141,7 @@ def train(name: str, *, lead: bool, world_size: int) -> None:
             run.log_artifact(model_dir / "samples.png")
             run.log_artifact(plot_path, "history")
             if params.tracking.log_models:
-                run.log_torch_model(model.cpu())
+                run.log_torch_model(model.cpu(), name=name)
             write_json(metrics_path, metrics)
         # Published: a rerun must train afresh (e.g. `dvc repro -f`), not return this run's result.
         # Until here a finished last.pt lets a stage killed after training skip straight to publishing.
@@ -150,4 +155,4 @@ def train(name: str, *, lead: bool, world_size: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python pipeline/train.py MODEL_NAME  (a key under `models` in params.yaml)")
-    main(sys.argv[1])
+    run_stage(main, sys.argv[1])

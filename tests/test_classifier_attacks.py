@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
-from sklearn.datasets import load_digits
+from toys import digits_gray
 
 from ardetect.attacks import (
     ATTACKS,
@@ -38,9 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, np.ndarray]:
-    data = load_digits()
-    gray = np.rint(data.images * 255.0 / 16.0).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
-    y = data.target.astype(np.int64)
+    gray, y = digits_gray()  # (1797, 1, 8, 8) uint8, (1797,)
     return {
         "x": gray[:1200],
         "y": y[:1200],
@@ -79,9 +77,16 @@ def test_classifier_learns_digits(classifier: SmallCNN, digits: dict[str, np.nda
     assert accuracy(classifier, digits["xt"], digits["yt"]) > 0.9
 
 
-def test_cnn_handles_28x28() -> None:
-    model = SmallCNN((1, 28, 28), ClassifierConfig())
-    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+def test_cnn_on_28x28_scores_each_image_on_its_own() -> None:
+    """At the pipeline's size, in eval mode: an image's logits do not depend on the rest of its batch
+    (no batch statistics or dropout at test time), and different images get different logits."""
+    model = SmallCNN((1, 28, 28), ClassifierConfig()).eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        batch = model(x)  # (4, 10)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(batch[0], batch[1])
 
 
 def test_early_stopping_keeps_best_epoch(digits: dict[str, np.ndarray]) -> None:

@@ -56,7 +56,6 @@ def _write_params(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("project")
     _write_params(root)
@@ -165,11 +164,23 @@ def _expected(project: Project, model: str, key: str, fpr: float = 0.05) -> dict
 # --- help -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["score", "--help"], ["report", "--help"]])
-def test_help_for_every_command(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "options"),
+    [
+        (["--help"], ["score", "report"]),
+        (["score", "--help"], ["--model", "--fpr", "--json", "--root"]),
+        (["report", "--help"], ["--json", "--root"]),
+    ],
+)
+def test_help_for_every_command(
+    capsys: pytest.CaptureFixture[str], argv: list[str], options: list[str]
+) -> None:
+    """Each command's help names its own usage and the options it takes."""
     code, out, _ = _run(capsys, *argv)
     assert code == 0
-    assert out.startswith("usage: ardetect")
+    assert out.startswith(f"usage: ardetect {' '.join(argv[:-1])}".rstrip())
+    for option in options:
+        assert option in out, f"{' '.join(argv)} does not mention {option}"
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], project: Project) -> None:

@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
+from toys import row_copies
 
+from ardetect.distributed import init_distributed, rank_and_world_size
 from ardetect.models import build_model
-from ardetect.training import TrainParams, fit, init_distributed, rank_and_world_size
+from ardetect.training import TrainParams, fit
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -46,12 +48,7 @@ CASES: dict[str, tuple[str, dict[str, Any], int | None, int]] = {
 TIMING = {"epoch_seconds", "train_images_per_second"}
 
 
-def toy_data(n: int, seed: int) -> Tensor:
-    """Binary 4x4 images with strong structure: each row copies its first pixel (as in test_training)."""
-    g = torch.Generator().manual_seed(seed)
-    first = torch.bernoulli(torch.full((n, 1, 4, 1), 0.5), generator=g)
-    noise = torch.bernoulli(torch.full((n, 1, 4, 4), 0.05), generator=g)
-    return (first.expand(n, 1, 4, 4) + noise) % 2
+toy_data = row_copies  # binary 4x4 images whose rows copy their first pixel
 
 
 PROBS = torch.rand(203, 1, 4, 4, generator=torch.Generator().manual_seed(5))
@@ -95,7 +92,7 @@ import torch.distributed as dist
 torch.set_num_threads(1)
 sys.path.insert(0, {str(HERE)!r})
 from test_distributed import CASES, run_case
-from ardetect.training import init_distributed
+from ardetect.distributed import init_distributed
 
 out = Path(sys.argv[1])
 rank, world_size = init_distributed()
@@ -128,6 +125,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # torchrun with 2 ranks: about 20 s
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_train_like_one_process(name: str, two_ranks: Path, tmp_path: Path) -> None:
     single = run_case(name, tmp_path, 0)
@@ -152,6 +150,7 @@ def test_two_ranks_train_like_one_process(name: str, two_ranks: Path, tmp_path: 
     assert written == [f"{name}-best-rank0.pt", f"{name}-last-rank0.pt"]
 
 
+@pytest.mark.slow
 def test_made_masks_advance_once_per_global_step(two_ranks: Path) -> None:
     steps = 3 * 7  # 3 epochs of ceil(203 / 32) global batches, one mask switch each on every rank
     for r in range(2):

@@ -38,6 +38,7 @@ import pytest
 import torch
 import yaml
 from torch import Tensor
+from toys import row_copies
 
 from ardetect.models import atomic_torch_save, build_model, load_checkpoint, load_model, save_model
 from ardetect.tracking import (
@@ -57,12 +58,7 @@ PARAMS = TrainParams(
 TIMING = {"epoch_seconds", "train_images_per_second"}  # history fields that differ between runs
 
 
-def toy_data(n: int, seed: int) -> Tensor:
-    """Binary 4x4 images with strong structure: each row copies its first pixel (as in test_training)."""
-    g = torch.Generator().manual_seed(seed)
-    first = torch.bernoulli(torch.full((n, 1, 4, 1), 0.5), generator=g)
-    noise = torch.bernoulli(torch.full((n, 1, 4, 4), 0.05), generator=g)
-    return (first.expand(n, 1, 4, 4) + noise) % 2
+toy_data = row_copies  # binary 4x4 images whose rows copy their first pixel
 
 
 def assert_same_tensors(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
@@ -122,6 +118,7 @@ def epochs_run(stdout: str) -> list[int]:
     return [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("epoch ")]
 
 
+@pytest.mark.slow  # two training processes of 40 epochs, one killed: about 25 s
 def test_a_killed_training_process_resumes_to_the_same_weights(tmp_path: Path) -> None:
     """MADE with 2 masks (a Python step counter picks the mask) on freshly drawn images every epoch."""
     script = tmp_path / "train.py"

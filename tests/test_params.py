@@ -15,9 +15,9 @@ def default_raw() -> dict:
 
 
 def test_repository_params_are_valid() -> None:
+    """The committed params.yaml validates (load_params raises on any problem) and trains only models it
+    defines; its values are the user's choice, not something to pin here."""
     params = load_params(ROOT / "params.yaml")
-    assert params.data.dataset == "fashion-mnist"
-    assert params.binarize.mode == "dynamic"
     assert set(params.train.models) <= set(params.models)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,13 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def tiny_params() -> dict[str, Any]:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+def tiny_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
+    """``path``'s params on the embedded digits set with a tiny budget (a couple of minutes on 2 cores).
+    CI's pull-request job applies it to both branches before ``dvc exp run`` (.github/workflows/ci.yml)."""
+    params = yaml.safe_load(path.read_text())
     params["data"].update(dataset="digits", val_fraction=0.1, test_fraction=0.2)
     params["train"]["defaults"].update(epochs=2, batch_size=64, num_samples=16, progress=False)
-    params["train"]["models"] = ["fvsbn", "nade", "made", "pixelcnn_8bit"]
+    params["train"]["models"] = ["fvsbn", "nade", "made", "pixelcnn_8bit", "pixelcnn_8bit_background"]
     params["models"] = {
         "fvsbn": {"arch": "fvsbn", "train": {"lr": 0.01}},
         "nade": {"arch": "nade", "hparams": {"hidden": 16}},
@@ -40,6 +44,9 @@ def tiny_params() -> dict[str, Any]:
             "train": {"num_samples": 4},
         },
     }
+    params["models"]["pixelcnn_8bit_background"] = {**params["models"]["pixelcnn_8bit"], "mutation_rate": 0.1}
+    # digits is the in-distribution set here; the 28x28 sets are resized to 8x8
+    params["ood"].update(num_images=20, sets=["mnist", "flipped", "noise", "constant"], progress=False)
     params["classifier"].update(epochs=10, channels=[8, 16], hidden=32, lr=0.005, patience=10, progress=False)
     params["attack"].update(
         num_images=12, cw_steps=5, cw_binary_search_steps=2, deepfool_steps=10, pgd_steps=5, progress=False
@@ -196,11 +203,13 @@ def test_mlflow_parent_and_children(repo: tuple[Path, dict[str, str], str]) -> N
         "classifier",
         "detect",
         "download",
+        "ood",
         "score",
         "train@fvsbn",
         "train@made",
         "train@nade",
         "train@pixelcnn_8bit",
+        "train@pixelcnn_8bit_background",
     ]
     assert all(r.info.status == "FINISHED" for r in [parent, *children])
     assert parent.data.tags["git.commit"] != "unknown" and parent.data.tags["git.dirty"] == "false"
@@ -248,9 +257,10 @@ def test_experiment_reruns_only_the_changed_model(repo: tuple[Path, dict[str, st
     new = [r for r in mlflow_runs(env) if r.info.run_id not in before]
     parent = next(r for r in new if r.data.tags.get("ardetect.kind") == "pipeline")
     assert parent.data.tags.get("dvc.experiment") == "fast-fvsbn"
-    # fvsbn retrains; scoring and detection follow it; the other models and the attacks are untouched
+    # fvsbn retrains; score, detect and ood follow it; the other models and the attacks are untouched
     assert sorted(r.data.tags["mlflow.runName"] for r in new if r is not parent) == [
         "detect",
+        "ood",
         "score",
         "train@fvsbn",
     ]
@@ -291,22 +301,24 @@ def test_queued_experiments_land_in_the_workspace_store(repo: tuple[Path, dict[s
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     )
-    assert names == ["detect", "score", "train@fvsbn"]
+    assert names == ["detect", "ood", "score", "train@fvsbn"]
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, *extra: str) -> Iterator[str]:
-    """``mlflow server`` on a free loopback port, up (answering /health) for the block; yields its URL."""
+def mlflow_server(backend_uri: str, *extra: str, log: Path | None = None) -> Iterator[str]:
+    """``mlflow server`` on a free loopback port, up (answering /health) for the block; yields its URL.
+    With ``log``, the server's output (its access log included) goes to that file."""
     import requests
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    out = open(log, "w") if log is not None else subprocess.DEVNULL  # closed after the server stops
     proc = subprocess.Popen(
         [*cmd, "--backend-store-uri", backend_uri, *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -328,14 +340,17 @@ def mlflow_server(backend_uri: str, *extra: str) -> Iterator[str]:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("ARDETECT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
 
-def chromium(url: str, *flags: str) -> str:
-    """Headless Debian Chromium, offline-safe flags, a fresh profile; returns stdout."""
+def chromium(url: str, *flags: str) -> tuple[str, list[str]]:
+    """Headless Debian Chromium, offline-safe flags, a fresh profile; returns stdout and the page's
+    uncaught JavaScript errors (console lines of its log)."""
     assert CHROMIUM is not None
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
@@ -352,6 +367,8 @@ def chromium(url: str, *flags: str) -> str:
                 f"--user-data-dir={profile}",
                 "--virtual-time-budget=20000",
                 "--window-size=1400,900",
+                "--enable-logging=stderr",
+                "--v=0",
                 *flags,
                 url,
             ],
@@ -360,7 +377,35 @@ def chromium(url: str, *flags: str) -> str:
             timeout=120,
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+    errors = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln and "Uncaught" in ln]
+    return proc.stdout, errors
+
+
+class DrawnPlots(HTMLParser):
+    """For every element with an id: whether a <canvas> or <svg> (what Vega draws) lies inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str | None] = []  # the id (or None) of each open element
+        self.drawn: dict[str, bool] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("canvas", "svg"):
+            for element_id in filter(None, self.open):
+                self.drawn[element_id] = True
+        if tag in VOID_TAGS:
+            return
+        element_id = dict(attrs).get("id")
+        if element_id:
+            self.drawn.setdefault(element_id, False)
+        self.open.append(element_id)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in VOID_TAGS and self.open:
+            self.open.pop()
+
+
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make test` installs it)")
@@ -373,15 +418,31 @@ def test_mlflow_ui_and_dvc_plots_in_a_real_browser(repo: tuple[Path, dict[str, s
 
     work, env, _ = repo
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with mlflow_server(env["MLFLOW_TRACKING_URI"]) as url:
+    log = work / "mlflow-server.log"
+    with mlflow_server(env["MLFLOW_TRACKING_URI"], log=log) as url:
+        api = f"{url}/api/2.0/mlflow"
         exp = requests.get(
-            f"{url}/api/2.0/mlflow/experiments/get-by-name",
-            params={"experiment_name": "ardetect"},
-            timeout=10,
+            f"{api}/experiments/get-by-name", params={"experiment_name": "ardetect"}, timeout=10
         ).json()["experiment"]
+        runs = requests.post(
+            f"{api}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}, timeout=10
+        ).json()["runs"]
+        parent = next(
+            r for r in runs if {"key": "ardetect.kind", "value": "pipeline"} in r["data"].get("tags", [])
+        )
         page = f"{url}/#/experiments/{exp['experiment_id']}/runs"
-        dom = chromium(page, "--dump-dom")
-        assert "pipeline 20" in dom, "the parent run of the pipeline is not on the experiment page"
+        served = len(log.read_text().splitlines())
+        dom, errors = chromium(page, "--dump-dom")
+        requests_made = log.read_text().splitlines()[served:]
+        assert parent["info"]["run_name"] in dom, "the pipeline's parent run is not on the experiment page"
+        assert not errors, f"uncaught JavaScript errors on the MLflow UI: {errors}"
+        # the page asked the tracking server for the experiment's runs through MLflow's REST API (which
+        # the UI reaches under /ajax-api or /api), and the server answered every request without a 5xx
+        assert any(re.search(r'"POST /[\w-]+/2\.0/mlflow/runs/search', ln) for ln in requests_made), (
+            requests_made
+        )
+        failed = [ln for ln in requests_made if re.search(r'HTTP/[\d.]+" 5\d\d', ln)]
+        assert not failed, f"server errors while the UI loaded: {failed}"
         chromium(page, f"--screenshot={ARTIFACTS / 'mlflow-experiment.png'}")
     assert (ARTIFACTS / "mlflow-experiment.png").stat().st_size > 10_000
 
@@ -394,12 +455,16 @@ def test_mlflow_ui_and_dvc_plots_in_a_real_browser(repo: tuple[Path, dict[str, s
         work,
         env,
     )
-    index = (html_dir / "index.html").as_uri()
-    dom = chromium(index, "--dump-dom")
-    assert 'id="data_plots_roc_pixelcnn_8bit_csv"' in dom, "no ROC plot for the 8-bit model on the page"
-    # one canvas per plot once Vega has drawn: 4 ROC plots, 4 learning curves, the classifier's curve
-    assert dom.count("<canvas") == 9, "Vega did not draw the plots"
-    chromium(index, f"--screenshot={ARTIFACTS / 'dvc-plots.png'}")
+    index = html_dir / "index.html"
+    plot_ids = re.findall(r'<div id="([^"]+)"', index.read_text())  # one div per plot, empty until drawn
+    assert "data_plots_roc_pixelcnn_8bit_csv" in plot_ids, "no ROC plot for the 8-bit model on the page"
+    dom, errors = chromium(index.as_uri(), "--dump-dom")
+    assert not errors, f"uncaught JavaScript errors on the dvc plots page: {errors}"
+    parser = DrawnPlots()
+    parser.feed(dom)
+    undrawn = [i for i in plot_ids if not parser.drawn.get(i)]
+    assert not undrawn, f"Vega drew nothing in {undrawn}"
+    chromium(index.as_uri(), f"--screenshot={ARTIFACTS / 'dvc-plots.png'}")
     assert (ARTIFACTS / "dvc-plots.png").stat().st_size > 20_000
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor
+from toys import row_copies
 
 from ardetect.io import staged_outputs
 from ardetect.models import build_model, load_model
@@ -16,12 +17,7 @@ CPU = torch.device("cpu")
 PARAMS = TrainParams(batch_size=32, epochs=6, lr=0.01, patience=10, progress=False, eval_batch_size=64)
 
 
-def toy_data(n: int, seed: int) -> Tensor:
-    """Binary 4x4 images with strong structure: each row copies its first pixel."""
-    g = torch.Generator().manual_seed(seed)
-    first = torch.bernoulli(torch.full((n, 1, 4, 1), 0.5), generator=g)
-    noise = torch.bernoulli(torch.full((n, 1, 4, 4), 0.05), generator=g)
-    return (first.expand(n, 1, 4, 4) + noise) % 2
+toy_data = row_copies  # binary 4x4 images whose rows copy their first pixel
 
 
 @pytest.mark.parametrize("name", ["fvsbn", "nade", "made"])

@@ -87,6 +87,11 @@ def adaptive_problems(
         problems.append(
             f"adaptive.model = {target!r}: not a trained model (train.models: {', '.join(train.models)})"
         )
+    elif models[target].is_background:
+        problems.append(
+            f"adaptive.model = {target!r}: a background model (mutation_rate > 0) is no detector; "
+            "attack the model it is the background of"
+        )
     elif models[target].levels != 256:
         problems.append(
             f"adaptive.model = {target!r}: the adaptive attack needs an 8-bit model (levels: 256)"

@@ -1,8 +1,9 @@
 """A small CNN classifier for (C, H, W) gray images, the target the attacks try to fool.
 
 Images come in as uint8 gray levels ``(N, C, H, W)`` (or floats already in [0, 1]); the network sees
-``gray / 255`` in [0, 1], the same bounds Foolbox attacks in. Training is plain Adam with early stopping
-on validation accuracy; the weights of the best epoch are kept.
+``gray / 255`` in [0, 1], the same bounds Foolbox attacks in. Training is plain Adam on cross-entropy
+through the one epoch loop (``ardetect.loop``), early-stopped on validation accuracy; the weights of the
+best epoch are kept.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ardetect.configs import Device, as_plain, config_dataclass
+from ardetect.devices import resolve_device
+from ardetect.loop import EpochStats, Plan, Task, TrainState, train_epochs
 from ardetect.models import atomic_torch_save, load_checkpoint
 
 ArrayLike = np.ndarray | Tensor
@@ -148,6 +150,33 @@ def accuracy(model: nn.Module, images: ArrayLike, labels: ArrayLike, batch_size:
     return float((predict(model, images, batch_size) == y).mean()) if len(y) else float("nan")
 
 
+class _Classification(Task):
+    """Cross-entropy on labelled images, validation accuracy: ``train_classifier``'s part of the loop."""
+
+    def __init__(self, model: SmallCNN, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor) -> None:
+        self.model, self.x, self.y, self.xv, self.yv = model, x, y, xv, yv
+
+    def draw(self, epoch: int) -> tuple[Tensor, Tensor]:
+        return self.x, self.y  # (N, C, H, W) in [0, 1], (N,)
+
+    def loss(self, *batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        xb, yb = batch  # (B, C, H, W), (B,)
+        logits = self.model(xb)  # (B, num_classes)
+        return F.cross_entropy(logits, yb), {"correct": (logits.argmax(1) == yb).sum()}
+
+    def evaluate(self) -> dict[str, float]:
+        return {"val_accuracy": accuracy(self.model, self.xv, self.yv)}
+
+    def record(self, stats: EpochStats) -> dict[str, float]:
+        return {
+            "epoch": float(stats.epoch),
+            "train_loss": stats.train["loss"],
+            "train_accuracy": stats.train["correct"],
+            "val_accuracy": stats.val["val_accuracy"],
+            "seconds": time.perf_counter() - stats.started,  # the whole epoch, validation included
+        }
+
+
 def train_classifier(
     train_x: ArrayLike,
     train_y: ArrayLike,
@@ -172,48 +201,29 @@ def train_classifier(
         raise ValueError(f"train images are {tuple(x.shape[1:])}, validation images {tuple(xv.shape[1:])}")
     if int(max(y.max(), yv.max())) >= config.num_classes or int(min(y.min(), yv.min())) < 0:
         raise ValueError(f"labels must lie in [0, num_classes={config.num_classes})")
-    device = torch.device(device)
-    history: History = []
-    with seeded(config.seed, device):
+    device = resolve_device(str(device))
+    plan = Plan(
+        name="classifier",
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        patience=config.patience,
+        monitor="val_accuracy",
+        maximize=True,
+        progress=progress,
+        hint="Lower the learning rate (classifier.lr) in params.yaml.",
+    )
+    with seeded(config.seed, device):  # initial weights and dropout
         model = SmallCNN(x.shape[1:], config).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        gen = torch.Generator().manual_seed(config.seed)
-        best_acc, best_state, stale = -1.0, copy.deepcopy(model.state_dict()), 0
-        for epoch in range(1, config.epochs + 1):
-            start = time.perf_counter()
-            model.train()
-            perm = torch.randperm(len(x), generator=gen)
-            total_loss, correct = 0.0, 0
-            batches = range(0, len(x), config.batch_size)
-            for i in tqdm(batches, desc=f"classifier epoch {epoch}", leave=False, disable=not progress):
-                idx = perm[i : i + config.batch_size]
-                xb, yb = x[idx].to(device), y[idx].to(device)  # (B, C, H, W), (B,)
-                logits = model(xb)  # (B, num_classes)
-                loss = F.cross_entropy(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total_loss += loss.item() * len(idx)
-                correct += int((logits.argmax(1) == yb).sum())
-            val_acc = accuracy(model, xv, yv)
-            record = {
-                "epoch": float(epoch),
-                "train_loss": total_loss / len(x),
-                "train_accuracy": correct / len(x),
-                "val_accuracy": val_acc,
-                "seconds": time.perf_counter() - start,
-            }
-            history.append(record)
+        gen = torch.Generator().manual_seed(config.seed)  # the epochs' permutations
+        state = TrainState(model, opt, None, gen, device, best_value=plan.worst)
+        for record in train_epochs(state, _Classification(model, x, y, xv, yv), plan):
             if on_epoch is not None:
                 on_epoch(record)
-            if val_acc > best_acc:
-                best_acc, best_state, stale = val_acc, copy.deepcopy(model.state_dict()), 0
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    break
-    model.load_state_dict(best_state)
-    return model.eval(), history
+            if state.best_epoch == state.epoch:
+                state.best = copy.deepcopy(model.state_dict())
+    model.load_state_dict(state.best)
+    return model.eval(), state.history
 
 
 def save_classifier(model: SmallCNN, path: str | os.PathLike[str], **extra: Any) -> None:

@@ -35,6 +35,7 @@ SCORES = Path("data/scores/scores.parquet")
 MODELS = Path("data/models")
 REPORT_DIR = Path("data/report")
 DETECTION_METRICS = Path("data/metrics/detection.json")
+SCORE_METRICS = Path("data/metrics/score.json")
 CLASSIFIER_METRICS = Path("data/metrics/classifier.json")
 REPRO = "run `dvc repro` in the project root first"
 
@@ -160,14 +161,23 @@ def load_project_params(root: Path) -> Params:
 
 def resolve_model(params: Params, root: Path, name: str | None = None) -> str:
     """The model to score with: ``name`` if given, else the first 8-bit model of ``train.models`` with a
-    checkpoint, else the first model of ``train.models`` with a checkpoint."""
+    checkpoint, else the first model of ``train.models`` with a checkpoint. Background models (the
+    reference of a likelihood ratio) are no detectors and are never chosen."""
+    from ardetect.training import detector_models
+
     if name is not None:
         if name not in params.models:
             raise InputError(f"unknown model {name!r}; defined in params.yaml: {', '.join(params.models)}")
+        if params.models[name].is_background:
+            raise InputError(
+                f"{name!r} is a background model (mutation_rate > 0), not a detector; choose one of "
+                f"{', '.join(detector_models(params.train, params.models))}"
+            )
         if not (root / MODELS / name / "model.pt").is_file():
             raise NotBuiltError(f"no checkpoint {root / MODELS / name / 'model.pt'}; {REPRO}")
         return name
-    trained = [n for n in params.train.models if (root / MODELS / n / "model.pt").is_file()]
+    detectors = detector_models(params.train, params.models)  # not the background models
+    trained = [n for n in detectors if (root / MODELS / n / "model.pt").is_file()]
     if not trained:
         raise NotBuiltError(
             f"no trained checkpoint under {root / MODELS} for any of train.models "
@@ -407,6 +417,85 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compression --------------------------------------------------------------------------------
+
+
+def coding_model(params: Params, root: Path, name: str | None = None) -> str:
+    """The 8-bit model that codes images: ``name`` if given, else the trained 8-bit model with the lowest
+    clean test BPD in data/metrics/score.json (the shortest code), else the first of train.models."""
+    from ardetect.compression import LEVELS, eight_bit_models
+
+    if name is not None:
+        name = resolve_model(params, root, name)
+        if params.models[name].levels != LEVELS:
+            raise InputError(f"{name!r} is a binary model; compression needs an 8-bit model (levels: 256)")
+        return name
+    eight_bit = eight_bit_models(params.train.models, params.models)
+    candidates = [n for n in eight_bit if (root / MODELS / n / "model.pt").is_file()]
+    if not candidates:
+        raise NotBuiltError(f"no trained 8-bit model (levels: 256) under {root / MODELS}; {REPRO}")
+    try:
+        bpd = json.loads((root / SCORE_METRICS).read_text())
+        return min(candidates, key=lambda n: float(bpd[n]["test_bpd_mean"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return candidates[0]
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from ardetect.compression import compress_images
+    from ardetect.models import load_model
+
+    root = Path(args.root).resolve()
+    gray = load_image(args.image)  # file errors before any model work
+    params = load_project_params(root)
+    name = coding_model(params, root, args.model)
+    model = load_model(root / MODELS / name / "model.pt")
+    check_size(args.image, gray, model.image_shape)
+    images = gray[None, None]  # (1, 1, H, W)
+    data = compress_images(model, name, images)
+    try:
+        Path(args.out).write_bytes(data)
+    except OSError as err:
+        raise InputError(f"{args.out}: cannot write ({err.strerror})") from None
+    with torch.inference_mode():
+        bpd = float(model.bpd(torch.as_tensor(images).float())[0])
+    print(
+        f"{args.image} -> {args.out}: {len(data)} bytes with model {name} "
+        f"({8 * len(data) / gray.size:.3f} bits/dim with the header; the model's BPD {bpd:.3f})"
+    )
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from ardetect.compression import CompressedFileError, decompress_images, read_file
+    from ardetect.models import load_model
+
+    root = Path(args.root).resolve()
+    path = Path(args.input)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        header, _ = read_file(data)  # a corrupt file fails before any model work
+        if header.num_images != 1:
+            raise CompressedFileError(f"holds {header.num_images} images; `ardetect compress` writes one")
+        params = load_project_params(root)
+        name = coding_model(params, root, args.model or header.name)
+        images = decompress_images(load_model(root / MODELS / name / "model.pt"), data)
+    except CompressedFileError as err:
+        raise InputError(f"{path}: {err}") from None
+    try:
+        Image.fromarray(images[0, 0], mode="L").save(args.out, format="PNG")
+    except (OSError, ValueError) as err:
+        raise InputError(f"{args.out}: cannot write a PNG ({err})") from None
+    print(f"{path} -> {args.out}: {images.shape[-2]}x{images.shape[-1]} gray image (model {name})")
+    return 0
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -468,6 +557,35 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--root", default=".", help=root_help)
     report.add_argument("--json", action="store_true", help="print JSON instead of text")
     report.set_defaults(func=cmd_report)
+
+    model_help = (
+        "8-bit model name (default: the trained 8-bit model with the lowest clean test BPD, else the "
+        "first 8-bit model of train.models)"
+    )
+    compress = sub.add_parser(
+        "compress",
+        help="compress a gray image losslessly with an 8-bit model",
+        description="Entropy-code (ANS) a gray image with an 8-bit model's conditionals: about the model's "
+        "BPD bits per pixel, plus a header naming the model. Runs on the CPU; decompress with the same "
+        "checkpoint.",
+    )
+    compress.add_argument("image", metavar="IMAGE", help="gray image of the model's size (PNG or .npy)")
+    compress.add_argument("out", metavar="OUT", help="compressed file to write")
+    compress.add_argument("--model", help=model_help)
+    compress.add_argument("--root", default=".", help=root_help)
+    compress.set_defaults(func=cmd_compress)
+
+    decompress = sub.add_parser(
+        "decompress",
+        help="decompress a file written by `ardetect compress` to a PNG",
+        description="Decode a file written by `ardetect compress` (one forward pass per pixel) and write "
+        "the image as an 8-bit grayscale PNG, identical in pixels to the original.",
+    )
+    decompress.add_argument("input", metavar="IN", help="compressed file")
+    decompress.add_argument("out", metavar="OUT.png", help="PNG to write")
+    decompress.add_argument("--model", help="8-bit model name (default: the model named in the file)")
+    decompress.add_argument("--root", default=".", help=root_help)
+    decompress.set_defaults(func=cmd_decompress)
     return parser
 
 

@@ -288,6 +288,34 @@ def bernoulli_resampler(gray: torch.Tensor, seed: int) -> Callable[[int], torch.
     return draw
 
 
+def mutation_resampler(
+    train: torch.Tensor | Callable[[int], torch.Tensor], rate: float, levels: int, seed: int
+) -> Callable[[int], torch.Tensor]:
+    """Ren et al. (2019)'s background training data: ``draw(epoch)`` is the training set with a fresh
+    fraction ``rate`` of pixels each replaced by one of the *other* ``levels - 1`` levels, uniformly.
+
+    Local structure is destroyed while population-level statistics (background, blank margins) survive,
+    so a model of it explains what the likelihood ratio should cancel. ``train`` is a tensor of levels or
+    an epoch's draw (e.g. :func:`bernoulli_resampler`, mutated after binarisation). The mutation stream
+    is seeded by (seed, epoch) and independent of any other stream with the same seed.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"mutation rate must lie in [0, 1), got {rate}")
+
+    def draw(epoch: int) -> torch.Tensor:
+        x = train(epoch) if callable(train) else train  # (N, C, H, W) levels
+        state = np.random.SeedSequence([seed, epoch, _MUTATION_STREAM]).generate_state(1, np.uint64)[0]
+        gen = torch.Generator(device=x.device).manual_seed(int(state))
+        mutate = torch.rand(x.shape, generator=gen, device=x.device) < rate  # (N, C, H, W)
+        shift = torch.randint(1, levels, x.shape, generator=gen, device=x.device, dtype=x.dtype)  # >= 1
+        return torch.where(mutate, torch.remainder(x + shift, levels), x)  # a mutated pixel changes level
+
+    return draw
+
+
+_MUTATION_STREAM = 0x6D757461  # "muta": keeps the mutation stream apart from other uses of the same seed
+
+
 # --------------------------------------------------------------------------------------------- I/O
 
 

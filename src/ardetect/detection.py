@@ -419,3 +419,27 @@ def attack_outcomes(
 def _epsilon_is(column: pd.Series, epsilon: float | None) -> pd.Series:
     values = column.astype(np.float64)
     return values.isna() if epsilon is None else np.isclose(values, epsilon, rtol=0, atol=1e-9)
+
+
+def roc_points(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per model, every attack set's ROC curve as rows (fpr, tpr, curve = set slug, point = order along
+    the curve): the table ``dvc plots`` draws with the project's ``roc`` template."""
+    curves: dict[str, list[pd.DataFrame]] = {}
+    for g in detection_groups(scores):
+        if len(g.pos):
+            c = roc(g.neg, g.pos)
+            points = {"fpr": c.fpr, "tpr": c.tpr, "curve": g.attack_set.slug, "point": np.arange(len(c.fpr))}
+            curves.setdefault(g.model, []).append(pd.DataFrame(points))
+    return {model: pd.concat(frames, ignore_index=True) for model, frames in curves.items()}
+
+
+def detection_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """``detection.json``: model → set → AUROC, its interval, TPR and realized FPR at the calibrated
+    threshold, p-value detection rate and the number of positives."""
+    tpr_col = next(c for c in table.columns if c.startswith("tpr_at_"))
+    cols = ("auroc", "ci_low", "ci_high", tpr_col, "fpr", "pvalue_detection_rate", "n_pos")
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for _, row in table.iterrows():
+        metrics.setdefault(str(row["model"]), {})[str(row["set"])] = {c: float(row[c]) for c in cols}
+    return metrics
+

@@ -21,9 +21,12 @@ from typing import Any
 from ardetect.adaptive import AdaptiveParams, adaptive_problems
 from ardetect.attacks import AttackParams
 from ardetect.classifier import ClassifierParams
+from ardetect.compression import CompressParams, compress_problems
 from ardetect.configs import ParamsError, config_dataclass, load_sections, parse_sections
 from ardetect.data import BinarizeParams, DataParams
 from ardetect.detection import DetectParams
+from ardetect.ood import OodParams, ood_problems
+from ardetect.purify import PurifyParams, purify_problems
 from ardetect.scoring import ScoreParams
 from ardetect.tracking import TrackingParams
 from ardetect.training import ModelEntry, TrainParams, TrainSection, model_problems, model_train_params
@@ -33,11 +36,14 @@ __all__ = [
     "AttackParams",
     "BinarizeParams",
     "ClassifierParams",
+    "CompressParams",
     "DataParams",
     "DetectParams",
     "ModelEntry",
+    "OodParams",
     "Params",
     "ParamsError",
+    "PurifyParams",
     "ScoreParams",
     "TrackingParams",
     "TrainParams",
@@ -59,11 +65,18 @@ class Params:
     score: ScoreParams = dataclasses.field(default_factory=ScoreParams)
     adaptive: AdaptiveParams = dataclasses.field(default_factory=AdaptiveParams)
     detect: DetectParams = dataclasses.field(default_factory=DetectParams)
+    ood: OodParams = dataclasses.field(default_factory=OodParams)
+    purify: PurifyParams = dataclasses.field(default_factory=PurifyParams)
+    compress: CompressParams = dataclasses.field(default_factory=CompressParams)
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
     def problems(self) -> list[str]:
-        return model_problems(self.train, self.models) + adaptive_problems(
-            self.adaptive, self.train, self.models, self.attack
+        return (
+            model_problems(self.train, self.models)
+            + adaptive_problems(self.adaptive, self.train, self.models, self.attack)
+            + ood_problems(self.ood, self.train, self.models, self.data.dataset)
+            + purify_problems(self.purify, self.train, self.models, self.attack.num_images)
+            + compress_problems(self.compress, self.train.models, self.models)
         )
 
     def train_params(self, model: str) -> TrainParams:

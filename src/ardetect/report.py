@@ -7,9 +7,11 @@ its Figure; :func:`save_figure` writes one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,20 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Pa
 SMALL_MARK = "†"
 
 
+#: The detect stage's figures (file name → caption in report.md).
+DETECTION_FIGURES = {
+    "roc.png": "ROC curves (successful adversarials vs their clean originals)",
+    "bpd_densities.png": "BPD densities: clean originals and each attack family (smallest ε)",
+    "pvalues.png": "PixelDefend p-values",
+}
+
+
+def save_detection_figures(scores: pd.DataFrame, fpr: float, folder: Path) -> list[Path]:
+    """Write the ``DETECTION_FIGURES`` for the score table into ``folder``."""
+    figures = (roc_figure(scores), bpd_density_figure(scores, fpr), pvalue_histogram_figure(scores))
+    return [save_figure(fig, folder / name) for fig, name in zip(figures, DETECTION_FIGURES)]
+
+
 def _set_label(table: pd.DataFrame) -> list[str]:
     return [AttackSet.of(a, e).label for a, e in zip(table["attack"], table["epsilon"])]
 
@@ -239,9 +255,6 @@ def adaptive_comparison(
     return table, notes
 
 
-OUTS = Path("data/report"), Path("data/metrics/detection.json"), Path("data/plots/roc")
-
-
 def _markdown(df: pd.DataFrame) -> str:
     """A pipe table with 3 decimals; missing values (NaN) print as ``—``."""
     cells = df.astype(object).where(df.notna(), None)
@@ -258,12 +271,14 @@ def write_report(
     adaptive_notes: str = "",
     fpr: pd.DataFrame | None = None,
     figures: Mapping[str, str | os.PathLike[str]] | None = None,
+    sections: Sequence[str] = (),
     title: str = "Detecting adversarial examples by bits per dimension",
     notes: str = "",
 ) -> Path:
     """Write ``report.md``: the AUROC matrix first, then the oblivious-vs-adaptive comparison
     (``adaptive``), the realized false-positive rates (``fpr``), classifier and attack tables, the
-    long detection table, and figure links (relative to the report's folder)."""
+    long detection table, the other stages' ``sections`` (markdown, each with its ``##`` heading),
+    and figure links (relative to the report's folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", ""]
@@ -326,6 +341,7 @@ def write_report(
             small_note,
             "",
         ]
+    parts += [part for block in sections for part in (block.strip(), "")]
     if figures:
         parts += ["## Figures", ""]
         for caption, fig_path in figures.items():
@@ -333,3 +349,87 @@ def write_report(
             parts += [f"### {caption}", "", f"![{caption}]({rel})", ""]
     path.write_text("\n".join(parts))
     return path
+
+
+#: The attack sets in the headline metrics (``dvc metrics show``): the smallest ε of each family, the
+#: minimal attacks and the adaptive attack; everything else is in report.md and detection.json.
+HEADLINE_SETS = ("noise_e8", "fgsm_e8", "pgd_e8", "deepfool", "cw", "cw_conf", "adaptive_pgd_e8")
+
+
+def headline_metrics(
+    train: Mapping[str, Mapping[str, float]],
+    detection: pd.DataFrame,
+    extra: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """One small dict per density model with the same keys, so ``dvc metrics show`` prints a compact
+    table (a row per model): ``test_bpd``, the AUROC of each set in ``HEADLINE_SETS`` (cells with fewer
+    than MIN_CELL positives left out, as in the report), then ``extra[model]`` (other stages' headline
+    numbers). Missing cells are left out rather than written as NaN."""
+    out: dict[str, dict[str, float]] = {}
+    for model, m in train.items():
+        row = {"test_bpd": round(float(m["test_bpd"]), 4)}
+        cells = detection[(detection["model"] == model) & ~detection["small"].astype(bool)]
+        by_set = dict(zip(cells["set"], cells["auroc"]))
+        row |= {s: round(float(by_set[s]), 4) for s in HEADLINE_SETS if np.isfinite(by_set.get(s, np.nan))}
+        row |= {k: round(float(v), 4) for k, v in (extra or {}).get(model, {}).items() if np.isfinite(v)}
+        out[model] = row
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectOutputs:
+    """What the detect stage wrote (data/detect), read back for report.md."""
+
+    detection: pd.DataFrame
+    fpr: pd.DataFrame
+    adaptive: pd.DataFrame | None
+    adaptive_notes: str
+    figures: dict[str, Path]  # caption → file
+
+    @classmethod
+    def read(cls, folder: Path) -> DetectOutputs:
+        adaptive = folder / "adaptive.csv"
+        return cls(
+            detection=pd.read_csv(folder / "detection.csv"),
+            fpr=pd.read_csv(folder / "fpr.csv"),
+            adaptive=pd.read_csv(adaptive) if adaptive.is_file() else None,
+            adaptive_notes=(folder / "adaptive.md").read_text() if adaptive.is_file() else "",
+            figures={caption: folder / name for name, caption in DETECTION_FIGURES.items()},
+        )
+
+
+def evaluation_notes(dataset: str, binarization: str, fpr: float, num_calib: int, num_train_ref: int) -> str:
+    """The report's opening paragraph: the data and the detection convention."""
+    return (
+        f"Dataset `{dataset}`, binarisation `{binarization}`. Positive = adversarial image that still fools "
+        "the classifier after rounding to 8 bits; negative = its clean original; score = BPD (higher = more "
+        f"suspicious). Threshold at {fpr:.0%} FPR on {num_calib} clean calibration images from the test "
+        f"pool, disjoint from the evaluated ones; p-values against {num_train_ref} training images per model."
+    )
+
+
+def publish_report(
+    folder: Path,
+    detect: DetectOutputs,
+    *,
+    classifier: Mapping[str, float],
+    attacks: pd.DataFrame,
+    notes: str,
+    sections: Sequence[str] = (),
+    figures: Mapping[str, Path] | None = None,
+) -> Path:
+    """``folder/report.md`` with every figure copied next to it (a self-contained folder to share or log)."""
+    shown = {**detect.figures, **(figures or {})}
+    copied = {caption: Path(shutil.copy2(f, folder / f.name)) for caption, f in shown.items() if f.is_file()}
+    return write_report(
+        folder / "report.md",
+        classifier=pd.DataFrame([{"metric": k, "value": v} for k, v in classifier.items()]),
+        attacks=attacks,
+        detection=detect.detection,
+        adaptive=detect.adaptive,
+        adaptive_notes=detect.adaptive_notes,
+        fpr=detect.fpr,
+        figures=copied,
+        sections=sections,
+        notes=notes,
+    )

@@ -9,6 +9,12 @@ store ``mlflow.db`` in the repository root with artifacts in ``mlartifacts/`` (t
 also for queued experiments, which DVC runs in temporary copies). A tracking *server*
 (an http(s) URI) is checked before the stage does any work: when it does not answer, the stage fails
 within seconds with ``TrackingUnavailableError``; it never falls back to another store.
+
+Each stage run also records, the way MLflow's UI shows them: its data dependencies as datasets (the
+Dataset column; digest = DVC's md5 of the dep), system metrics (CPU, memory, disk, GPU every 2 s),
+and its process (pid, host), so that the next start of the stage can mark a run whose process was
+SIGKILLed as KILLED (it would stay RUNNING forever) and remove the temporary files it left. SIGTERM
+marks the run KILLED itself. ``run_stage`` turns the known user errors into one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,20 +23,28 @@ import hashlib
 import logging
 import os
 import re
+import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import psutil
 
-from ardetect.configs import config_dataclass
+from ardetect.configs import ParamsError, config_dataclass
+from ardetect.io import sweep_orphans
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from an offline pipeline
+# MLflow samples every 10 s by default: 2 to 18 points for a 20-s to 3-min stage is too coarse
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
 
 
 def bound_mlflow_http_retries(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -55,6 +69,8 @@ class TrackingParams:
 
 PIPELINE_TAG = "ardetect.pipeline_id"
 ENV_PIPELINE_ID = "ARDETECT_PIPELINE_ID"
+STAGE_TAG = "dvc.stage"
+PID_TAG, HOST_TAG, PID_STARTED_TAG = "ardetect.pid", "ardetect.host", "ardetect.pid_started"
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -130,18 +146,117 @@ def pipeline_identity() -> tuple[str, dict[str, str]]:
     return f"standalone-{me.pid}-{int(me.create_time() * 1000)}", {"ardetect.launcher": "standalone"}
 
 
-def git_tags(root: Path) -> dict[str, str]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
+def _git(root: Path, *args: str) -> str:
+    """``git args`` in ``root``; "" when git or the repository is missing."""
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+
+def git_tags(root: Path) -> dict[str, str]:
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
     return {"git.commit": commit or "unknown", "git.dirty": str(bool(status)).lower()}
+
+
+def pipeline_run_name(root: Path) -> str:
+    """The parent run's name, what the runs table lists: the DVC experiment (``dvc exp run``), else the
+    commit that ran (``<short sha>[+dirty] <subject>``), else a timestamp outside git."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    head = _git(root, "log", "-1", "--format=%h %s")
+    if not head:
+        return f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    sha, _, subject = head.partition(" ")
+    dirty = "+dirty" if _git(root, "status", "--porcelain", "--untracked-files=no") else ""
+    name = f"{sha}{dirty} {subject}"
+    return name if len(name) <= 100 else name[:99] + "…"
+
+
+# --------------------------------------------------------------------- which process runs a stage
+
+
+def process_tags() -> dict[str, str]:
+    """The run's process: enough for a later start to tell whether it still runs (pid reuse included)."""
+    me = psutil.Process()
+    return {PID_TAG: str(me.pid), HOST_TAG: socket.gethostname(), PID_STARTED_TAG: f"{me.create_time():.2f}"}
+
+
+def process_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process ``process_tags`` described still runs; None when this machine cannot tell
+    (another host, or a run from before these tags existed)."""
+    if PID_TAG not in tags or tags.get(HOST_TAG) != socket.gethostname():
+        return None
+    try:
+        proc = psutil.Process(int(tags[PID_TAG]))
+        same = abs(proc.create_time() - float(tags.get(PID_STARTED_TAG, "nan"))) < 0.05
+        return same and proc.status() != psutil.STATUS_ZOMBIE  # a zombie is dead, only not yet reaped
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's live process
+        return True
+
+
+def close_dead_runs(client: Any, experiment_id: str, stage: str, parent_id: str) -> tuple[list[str], int]:
+    """Mark this stage's runs that are RUNNING but whose process is gone (SIGKILL, power loss) KILLED,
+    with their parent pipeline run (unless it is ``parent_id``, this execution's). Returns the killed
+    run ids and how many runs of the stage are alive right now (concurrent runs are left alone)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'"
+    )
+    killed, live = [], 0
+    for run in runs:
+        alive = process_alive(run.data.tags)
+        live += alive is True
+        if alive is not False:
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        killed.append(str(run.info.run_id))
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent and parent != parent_id and client.get_run(parent).info.status == "RUNNING":
+            client.set_terminated(parent, status="KILLED")
+    return killed, live
+
+
+# ------------------------------------------------------------------------- the stage as DVC sees it
+
+
+@dataclass(frozen=True)
+class DvcStage:
+    """A stage's outputs (dvc.yaml) and the md5 DVC computes for its data deps."""
+
+    outs: list[Path]
+    digests: dict[str, str]  # dep path relative to the repository root -> md5 ("<md5>.dir": a folder)
+
+
+def dvc_stage(root: Path, stage: str, inputs: list[Path]) -> DvcStage | None:
+    """``stage`` as DVC sees it; None outside a DVC repository or for a stage dvc.yaml lacks.
+
+    The digests of ``inputs`` are computed now, by DVC (from its state cache: cheap), not read from
+    dvc.lock: during ``dvc repro`` the lock still holds the previous run's md5s, stale exactly for the
+    deps whose change made the stage rerun. They equal what DVC writes to dvc.lock when the stage ends.
+    """
+    try:
+        from dvc.dependency.param import ParamsDependency
+        from dvc.repo import Repo
+
+        wanted = {p.resolve() for p in inputs}
+        with Repo(str(root)) as repo:
+            (found,) = repo.stage.collect(stage)
+            digests = {
+                Path(dep.fs_path).resolve().relative_to(root).as_posix(): str(dep.get_hash().value)
+                for dep in found.deps
+                if not isinstance(dep, ParamsDependency)
+                and Path(dep.fs_path).resolve() in wanted
+                and os.path.exists(dep.fs_path)
+            }
+            return DvcStage([Path(out.fs_path) for out in found.outs], digests)
+    except Exception:  # not a DVC repo, no such stage: datasets fall back to file_hashes, no sweep
+        logging.getLogger(__name__).debug("no DVC stage %s in %s", stage, root, exc_info=True)
+        return None
 
 
 def file_hashes(paths: list[Path]) -> dict[str, str]:
@@ -208,19 +323,61 @@ class StageRun:
 
         mlflow.log_figure(figure, name)
 
-    def log_torch_model(self, model: Any, name: str = "model") -> None:
+    def log_torch_model(self, model: Any, name: str | None = None) -> None:
+        """Log ``model`` as MLflow model ``name`` (default: ``made`` for stage ``train@made``, else the
+        stage's name) with a signature and an input example: two seeded images, as integer levels for a
+        density model (it has ``levels``) or gray values in [0, 1] for the classifier, and what
+        ``forward`` returns for them (logits; what pyfunc ``predict`` gives)."""
         import mlflow.pytorch
         import torch
+        from mlflow.models import infer_signature
 
+        g = torch.Generator().manual_seed(0)
+        shape = (2, *model.image_shape)
+        levels = getattr(model, "levels", None)
+        example = (  # (2, C, H, W)
+            torch.randint(0, levels, shape, generator=g, dtype=torch.uint8)
+            if levels
+            else torch.rand(shape, generator=g)
+        )
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(example)  # (2, C, H, W) Bernoulli, (2, levels, C, H, W), or (2, classes)
+        model.train(training)
         # pickle keeps the whole ARModel (log_prob, sample), not just a traced forward graph; the
         # checkpoints DVC tracks are the safe, weights-only copy.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         mlflow.pytorch.log_model(
             model,
-            name=name,
+            name=name or self.stage.rpartition("@")[2],
             serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            signature=infer_signature(example.numpy(), logits.float().numpy()),
+            input_example=example.numpy(),
         )
+
+
+def repo_path(path: Path, root: Path) -> str:
+    """``path`` (relative to the working directory) as dvc.yaml names it: relative to ``root``."""
+    full = path.resolve()
+    return full.relative_to(root).as_posix() if full.is_relative_to(root) else full.as_posix()
+
+
+def log_datasets(digests: Mapping[str, str], context: str) -> None:
+    """Each ``{path: md5}`` as an MLflow dataset of the active run (the runs table's Dataset column)."""
+    import mlflow
+    from mlflow.data.dataset import Dataset
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]
+
+    # MetaDataset: metadata only (MLflow's type for data it does not load); its profile is None
+    datasets: list[Dataset | None] = [
+        MetaDataset(LocalArtifactDatasetSource(p), name=p, digest=md5)  # type: ignore[abstract]
+        for p, md5 in digests.items()
+    ]
+    if datasets:
+        mlflow.log_inputs(datasets, contexts=[context] * len(datasets), tags_list=[None] * len(datasets))
 
 
 def _experiment_id(experiment: str, uri: str, root: Path) -> str:
@@ -258,12 +415,38 @@ def _parent_run(experiment_id: str, root: Path, all_params: Mapping[str, Any] | 
         tags["dvc.experiment"] = exp_name
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-    name = exp_name or f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run = client.create_run(experiment_id, run_name=pipeline_run_name(root), tags=tags)
     if all_params:
         for k, v in flatten(all_params).items():
             client.log_param(run.info.run_id, k, str(v)[:6000])
     return str(run.info.run_id)
+
+
+class StageTerminated(SystemExit):
+    """SIGTERM reached a stage: it unwinds like an exception (outputs discarded, run marked KILLED),
+    then the process exits with 128 + SIGTERM, as a killed process would, without a traceback."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise StageTerminated(128 + signum)
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises ``StageTerminated`` inside the block; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _system_metrics_enabled() -> bool:
+    """On unless the user set MLflow's own switch ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` off."""
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
 
 
 @contextmanager
@@ -278,9 +461,11 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """An MLflow run for ``stage``, child of this pipeline execution's parent run.
 
-    On an exception the run and its parent are marked FAILED and the exception propagates. An
-    unreachable tracking server raises ``TrackingUnavailableError`` at once (see
-    ``check_tracking_server``).
+    On entry, earlier runs of ``stage`` whose process is gone are marked KILLED and, unless a run of
+    ``stage`` is alive, the temporary files a killed run left next to the stage's outputs are removed.
+    The run ends FINISHED, FAILED on an exception (which propagates), or KILLED on SIGTERM or Ctrl-C;
+    its parent gets the same status. An unreachable tracking server raises
+    ``TrackingUnavailableError`` at once (see ``check_tracking_server``).
     """
     root = (root or Path.cwd()).resolve()
     uri = tracking_uri(tracking, store_root(root))
@@ -290,23 +475,67 @@ def stage_run(
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
     experiment_id = _experiment_id(tracking.experiment, uri, store_root(root))
     parent_id = _parent_run(experiment_id, root, all_params)
-    tags = {
-        "mlflow.parentRunId": parent_id,
-        "dvc.stage": stage,
-        **git_tags(root),
-        **file_hashes([p for p in inputs or [] if p.exists()]),
-    }
+    present = [p for p in inputs or [] if p.exists()]
+    hashes = file_hashes(present)
+    dvc = dvc_stage(root, stage, present)
+    digests = {repo_path(p, root): hashes[f"data.{p.as_posix()}"] for p in present}
+    digests |= dvc.digests if dvc else {}  # DVC's md5 wherever the input is a dep of the stage
+    killed, live = close_dead_runs(client, experiment_id, stage, parent_id)
+    swept = sweep_orphans(*dvc.outs) if dvc and not live else []
+    if killed:
+        print(
+            f"{stage}: marked KILLED the earlier run(s) {', '.join(killed)}: their process is gone",
+            file=sys.stderr,
+        )
+    if swept:
+        print(
+            f"{stage}: removed what a killed run left: {', '.join(repo_path(p, root) for p in swept)}",
+            file=sys.stderr,
+        )
+    tags = {"mlflow.parentRunId": parent_id, STAGE_TAG: stage, **git_tags(root), **hashes, **process_tags()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-    client = mlflow.MlflowClient()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=_system_metrics_enabled()
+    )
+    status = "FAILED"
+    try:
         handle = StageRun(run.info.run_id, parent_id, stage)
         handle.log_params(params)
-        try:
+        log_datasets(digests, context=stage.partition("@")[0])
+        with _sigterm_unwinds():
             yield handle
-        except BaseException:
-            client.set_terminated(parent_id, status="FAILED")
-            raise
-    client.set_terminated(parent_id, status="FINISHED")
+        status = "FINISHED"
+    except (StageTerminated, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+        client.set_terminated(parent_id, status=status)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the user must act (fix params.yaml, run an earlier stage, start the
+    tracking server, lower a learning rate), each raised with a message that says how. Types of modules
+    the stage never imported cannot have been raised, so they are looked up, not imported: the import
+    closure of tracking, and so every stage's DVC deps, stays narrow."""
+    known: list[type[BaseException]] = [ParamsError, TrackingUnavailableError, FileNotFoundError]
+    for module, name in (("ardetect.data", "DataError"), ("ardetect.loop", "NonFiniteLossError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            known.append(getattr(loaded, name))
+    return tuple(known)
+
+
+def run_stage(main: Callable[..., None], *args: str) -> None:
+    """Run a stage's ``main``: a known user error prints ``error: <message>`` and exits with 2, without
+    a traceback that would bury the message; any other exception keeps its traceback."""
+    try:
+        main(*args)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

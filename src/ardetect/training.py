@@ -1,19 +1,19 @@
-"""Maximum-likelihood training: one plain loop, minibatch Adam, early stopping on validation NLL.
+"""Maximum-likelihood training of the density models: minibatch Adam, early stopping on validation NLL.
 
-The whole training set lives on the device as one tensor (no DataLoader): shuffling is an index
-permutation, and dynamic binarisation draws a fresh binary copy of the gray levels each epoch.
+``fit`` is the density models' recipe (schedule, checkpoints, resume) over the one epoch loop in
+``ardetect.loop``. The whole training set lives on the device as one tensor (no DataLoader): shuffling is
+an index permutation, and dynamic binarisation draws a fresh binary copy of the gray levels each epoch.
 
-A run can resume after a kill: with ``resume_path``, ``fit`` writes the whole training state there after
+A run can resume after a kill: with ``resume_path``, ``fit`` writes the whole ``TrainState`` there after
 every epoch (weights, optimizer, schedule, RNG streams, early-stopping counters, history) and, when
 started again on the same problem, continues from the next epoch. On the CPU the resumed run ends with
 the same weights, bit for bit, as a run that was never interrupted.
 
 Several processes (GPUs or machines) train one model together when launched by ``torchrun``: call
-``init_distributed()`` first, then ``fit`` as usual in every process. Each global batch of ``batch_size``
-images is split into one contiguous shard per rank, DistributedDataParallel all-reduces the gradients, and
-each rank's loss is weighted by its shard's share of the batch, so every update equals the single-process
-update on the whole batch (uneven last batches included). Validation is sharded and all-reduced; only rank
-0 writes checkpoints and the resume file, logs and prints.
+``ardetect.distributed.init_distributed()`` first, then ``fit`` as usual in every process. Each global
+batch is split into one shard per rank and every update equals the single-process update on the whole
+batch (``ardetect.distributed``). Validation is sharded and all-reduced; only rank 0 writes checkpoints
+and the resume file, logs and prints.
 """
 
 from __future__ import annotations
@@ -22,17 +22,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-import torch.distributed as dist
 from pydantic import (
+    Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -41,10 +39,12 @@ from pydantic import (
     ValidationError,
 )
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ardetect.configs import Device, as_plain, config_dataclass, error_lines
+from ardetect.distributed import Ranks
+from ardetect.loop import EpochStats, Plan, Task, TrainState, train_epochs
+from ardetect.loop import NonFiniteLossError as NonFiniteLossError  # raised by fit; stages catch it here
 from ardetect.models import (
     REGISTRY,
     ARModel,
@@ -86,6 +86,13 @@ class ModelEntry:
     levels: Literal[2, 256] = 2
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Ren et al. (2019)'s background model: this fraction of training pixels is mutated afresh each epoch
+    # (``data.mutation_resampler``). A model with mutation_rate > 0 is a background, never a detector.
+    mutation_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    @property
+    def is_background(self) -> bool:
+        return self.mutation_rate > 0
 
 
 @config_dataclass
@@ -94,6 +101,13 @@ class TrainSection:
 
     models: list[str] = dataclasses.field(default_factory=lambda: ["fvsbn", "nade", "made"])
     defaults: TrainParams = dataclasses.field(default_factory=TrainParams)
+
+
+def detector_models(train: TrainSection, models: dict[str, ModelEntry]) -> list[str]:
+    """``train.models`` without the background models: the models whose BPD detects anything (score,
+    adaptive, CLI). Background models are trained by the same ``train`` stage but only serve as the
+    reference of a likelihood ratio (the ``ood`` stage)."""
+    return [name for name in train.models if not (name in models and models[name].is_background)]
 
 
 def model_train_params(defaults: TrainParams, entry: ModelEntry) -> TrainParams:
@@ -134,10 +148,6 @@ def model_problems(train: TrainSection, models: dict[str, ModelEntry]) -> list[s
     return problems
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the message names the last good checkpoint."""
-
-
 class ResumeIgnoredWarning(UserWarning):
     """A resume file exists but cannot continue this run (other settings or data, unreadable); training
     starts from scratch and overwrites it."""
@@ -156,32 +166,6 @@ class FitResult:
     history: list[dict[str, float]]
     seconds: float
     train_images_per_second: float
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group that ``torchrun`` describes in the environment; returns (rank, world size).
-
-    Without torchrun (``WORLD_SIZE`` unset or 1) it does nothing and returns (0, 1), so scripts that call it
-    still run as one plain process. With CUDA each process uses GPU ``LOCAL_RANK`` and NCCL for CUDA
-    tensors (gloo for CPU ones); without CUDA, gloo.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    backend = "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless a process group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _TrainingLoss(nn.Module):
@@ -206,19 +190,16 @@ def evaluate_nll(model: ARModel, data: Tensor, batch_size: int, device: torch.de
     return torch.cat(out)  # (N,)
 
 
-def _mean_nll(
-    model: ARModel, data: Tensor, batch_size: int, device: torch.device, rank: int, world_size: int
-) -> float:
+def mean_nll(model: ARModel, data: Tensor, batch_size: int, device: torch.device, ranks: Ranks) -> float:
     """Mean per-image NLL of ``data``; with several ranks each evaluates one shard and the sums are
     all-reduced, so every rank gets the same value (and makes the same early-stopping decisions)."""
-    if world_size == 1:
+    if not ranks.distributed:
         return evaluate_nll(model, data, batch_size, device).mean().item()
-    shard = data.tensor_split(world_size)[rank]
+    shard = ranks.shard(data)
     total = torch.zeros((), dtype=torch.float64, device=device)
     if len(shard):
         total += evaluate_nll(model, shard, batch_size, device).sum().to(device)
-    dist.all_reduce(total)
-    return total.item() / len(data)
+    return ranks.sum(total).item() / len(data)
 
 
 def nats_to_bpd(nll: float, num_dims: int) -> float:
@@ -227,7 +208,7 @@ def nats_to_bpd(nll: float, num_dims: int) -> float:
 
 def _scheduler(
     opt: torch.optim.Optimizer, params: TrainParams, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     if params.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
     if params.lr_schedule == "plateau":
@@ -235,6 +216,77 @@ def _scheduler(
             opt, factor=0.5, patience=max(0, params.patience // 2)
         )
     return None
+
+
+def _plan(model: ARModel, params: TrainParams, device: torch.device) -> Plan:
+    """The loop's part of the recipe: early stopping on validation NLL (an improvement is > 1e-6 nats)."""
+    return Plan(
+        name=model.name,
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        patience=params.patience,
+        monitor="val_nll",
+        min_delta=1e-6,
+        max_images=params.max_train_images,
+        grad_clip=params.grad_clip,
+        amp=params.amp and device.type == "cuda",
+        max_minutes=params.max_minutes,
+        progress=params.progress,
+        hint="Lower the learning rate (lr) or set grad_clip for this model in params.yaml.",
+    )
+
+
+class _Likelihood(Task):
+    """Maximum likelihood of an ARModel on fixed images or a fresh draw per epoch; validation NLL."""
+
+    def __init__(
+        self,
+        model: ARModel,
+        train: Tensor | Callable[[int], Tensor],
+        first: Tensor,
+        val: Tensor,
+        params: TrainParams,
+        device: torch.device,
+        ranks: Ranks,
+        checkpoint_path: Path,
+    ) -> None:
+        self.model, self.train, self.first, self.val = model, train, first, val
+        self.eval_batch_size, self.device, self.ranks = params.eval_batch_size, device, ranks
+        self.checkpoint_path = checkpoint_path
+        self.trainer = ranks.wrap(_TrainingLoss(model))
+
+    def draw(self, epoch: int) -> tuple[Tensor]:
+        return (self.first if epoch == 1 or not callable(self.train) else self.train(epoch),)
+
+    def loss(self, *batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.trainer(batch[0]), {}  # mean NLL over this rank's images
+
+    def evaluate(self) -> dict[str, float]:
+        return {"val_nll": mean_nll(self.model, self.val, self.eval_batch_size, self.device, self.ranks)}
+
+    def record(self, stats: EpochStats) -> dict[str, float]:
+        train_nll, val_nll, dims = stats.train["loss"], stats.val["val_nll"], self.model.num_dims
+        return {
+            "epoch": float(stats.epoch),
+            "train_nll": train_nll,
+            "val_nll": val_nll,
+            "train_bpd": nats_to_bpd(train_nll, dims),
+            "val_bpd": nats_to_bpd(val_nll, dims),
+            "lr": stats.lr,
+            "epoch_seconds": stats.train_seconds,
+            "train_images_per_second": stats.images / stats.train_seconds,
+        }
+
+    def postfix(self, loss: float) -> dict[str, str]:
+        return {"nll": f"{loss:.2f}", "bpd": f"{nats_to_bpd(loss, self.model.num_dims):.4f}"}
+
+    def kept(self, state: TrainState) -> str:
+        if not state.best_epoch:
+            return "no checkpoint was written yet (no epoch finished)"
+        return (
+            f"the last good checkpoint is kept at {self.checkpoint_path} "
+            f"(epoch {state.best_epoch}, val NLL {state.best_value:.3f} nats)"
+        )
 
 
 def fit(
@@ -256,209 +308,110 @@ def fit(
     it must be a function of ``epoch`` and the global torch RNG only). The best checkpoint is written
     atomically to ``checkpoint_path`` whenever validation improves.
 
-    With ``resume_path``, the full training state is written there atomically after every epoch
-    (including a copy of the best checkpoint, so it is self-contained), and a run started again resumes
-    from it when it belongs to the same run: same architecture, config, train settings (except
-    ``progress``/``num_samples``), ``checkpoint_extra``, initial weights, first-epoch training images
-    and validation images. Otherwise it is ignored with a ``ResumeIgnoredWarning`` and training starts
-    over. On resume ``checkpoint_path`` is rewritten if it does not hold the run's best epoch (a kill
-    between the two writes, or a deleted file), and ``on_resume(history)`` is called with the restored
-    epochs' records (``on_epoch`` is only called for epochs trained in this call). The resume file is
-    left in place after a successful fit, marked finished: a rerun returns at once with the best
+    With ``resume_path``, the full training state (``TrainState.state_dict``) is written there atomically
+    after every epoch (including a copy of the best checkpoint, so it is self-contained), and a run started
+    again resumes from it when it belongs to the same run: same architecture, config, train settings
+    (except ``progress``/``num_samples``), ``checkpoint_extra``, initial weights, first-epoch training
+    images and validation images. Otherwise it is ignored with a ``ResumeIgnoredWarning`` and training
+    starts over. On resume ``checkpoint_path`` is rewritten if it does not hold the run's best epoch (a
+    kill between the two writes, or a deleted file), and ``on_resume(history)`` is called with the
+    restored epochs' records (``on_epoch`` is only called for epochs trained in this call). The resume
+    file is left in place after a successful fit, marked finished: a rerun returns at once with the best
     weights (useful when the caller is killed after ``fit``). Delete it once the results are safely
     stored; the train stage does.
 
-    Under ``torch.distributed`` (world size W > 1, e.g. after ``init_distributed()`` in a torchrun worker)
-    every rank calls ``fit`` with the same arguments and data. Every rank draws the same permutation; each
-    global batch ``perm[step*B:(step+1)*B]`` (B = ``batch_size``) is split into W contiguous shards (sizes
-    differ by at most one) and rank r trains on shard r. DistributedDataParallel averages the W gradients,
-    so each rank's mean loss is scaled by W * shard size / batch size: the update is the single-process
-    update on the whole batch, uneven last batches included (a rank with an empty shard contributes a zero
-    gradient). Only rank 0 reads and writes ``checkpoint_path`` and ``resume_path`` (the resume state is
-    broadcast to the other ranks), calls ``on_epoch``/``on_resume`` and shows progress; at the end rank 0
-    loads the best checkpoint and broadcasts its weights, so no shared filesystem is needed.
+    Under ``torch.distributed`` (after ``ardetect.distributed.init_distributed()`` in torchrun workers)
+    every rank calls ``fit`` with the same arguments and data and trains its shard of each batch, so that
+    every update is the single-process one (``Ranks``). Only rank 0 reads and writes ``checkpoint_path``
+    and ``resume_path`` (the resume state is broadcast to the other ranks), calls ``on_epoch``/``on_resume``
+    and shows progress; at the end its best weights are broadcast, so no shared filesystem is needed.
     """
-    rank, world_size = rank_and_world_size()
-    distributed, lead = world_size > 1, rank == 0
+    ranks = Ranks.current()
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
+    _place(model, params, device)
+    val = val.to(device)
+    first = train(1) if callable(train) else train.to(device)
+    n = min(len(first), params.max_train_images or len(first))
+    opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    sched = _scheduler(opt, params, math.ceil(n / params.batch_size) * params.epochs)
+    plan = _plan(model, params, device)
+    state = TrainState(model, opt, sched, gen, device, best_value=plan.worst)
+    identity = (
+        _run_identity(model, params, checkpoint_extra, first, val) if resume_path and ranks.lead else {}
+    )
+    if resume_path is not None:
+        _resume(state, resume_path, identity, checkpoint_path, ranks, on_resume)
+    extra = {**(checkpoint_extra or {}), "train_params": dataclasses.asdict(params)}
+    task = _Likelihood(model, train, first, val, params, device, ranks, checkpoint_path)
+    for record in train_epochs(state, task, plan, ranks):
+        if not ranks.lead:
+            continue
+        if on_epoch is not None:
+            on_epoch(record)
+        if params.progress:
+            tqdm.write(_summary(model.name, record))
+        if state.best_epoch == state.epoch:  # improved
+            state.best = _best_checkpoint(model, state, extra)
+            atomic_torch_save(state.best, checkpoint_path)
+        if resume_path is not None:
+            atomic_torch_save({"format": RESUME_FORMAT, "run": identity, **state.state_dict()}, resume_path)
+    if ranks.lead:
+        model.load_state_dict(state.best["state_dict"])
+    ranks.weights_from_lead(model)  # not from a (maybe unshared) disk
+    return FitResult(
+        best_epoch=state.best_epoch,
+        best_val_nll=state.best_value,
+        history=state.history,
+        seconds=state.elapsed(),
+        train_images_per_second=state.seen / max(state.train_seconds, 1e-9),
+    )
+
+
+def _summary(name: str, record: dict[str, float]) -> str:
+    """One line per epoch: a progress log that survives the progress bar."""
+    return (
+        f"{name} epoch {int(record['epoch'])}: train {record['train_nll']:.3f} nats, "
+        f"val {record['val_nll']:.3f} nats ({record['val_bpd']:.4f} bpd), "
+        f"{record['train_images_per_second']:.0f} img/s"
+    )
+
+
+def _place(model: ARModel, params: TrainParams, device: torch.device) -> None:
+    """Move ``model`` to ``device``; on CUDA optionally channels-last and compiled."""
     model.to(device)
     if params.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if params.compile and device.type == "cuda":
         model.compile()
-    val = val.to(device)
-    first = train(1) if callable(train) else train.to(device)
-    n = min(len(first), params.max_train_images or len(first))
-    steps = math.ceil(n / params.batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    sched = _scheduler(opt, params, steps * params.epochs)
-    use_amp = params.amp and device.type == "cuda"
-    history: list[dict[str, float]] = []
-    best_val, best_epoch, bad_epochs = math.inf, 0, 0
-    best_ckpt: dict[str, Any] = {}  # the best checkpoint, kept (on the CPU) for the resume file
-    train_seconds, seen, start = 0.0, 0, time.perf_counter()
-    extra = {**(checkpoint_extra or {}), "train_params": dataclasses.asdict(params)}
-    start_epoch, finished = 1, False
-    identity = _run_identity(model, params, checkpoint_extra, first, val) if resume_path and lead else {}
-    state = _resumable_state(resume_path, identity) if resume_path and lead else None
-    if distributed and resume_path is not None:
-        box = [state]
-        dist.broadcast_object_list(box, src=0)
-        state = box[0]
-    if state is not None:
-        best_ckpt = state["best_checkpoint"]
-        if lead and not _holds_epoch(checkpoint_path, best_ckpt["epoch"], best_ckpt["val_nll"]):
-            atomic_torch_save(best_ckpt, checkpoint_path)
-        model.load_state_dict(state["model"])
-        model.load_training_state(state["model_training_state"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and len(state["cuda_rng"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        history = state["history"]
-        best_val, best_epoch, bad_epochs = state["best_val"], state["best_epoch"], state["bad_epochs"]
-        train_seconds, seen = state["train_seconds"], state["seen"]
-        start -= state["seconds"]  # the wall-clock budget (max_minutes) counts the earlier run(s) too
-        start_epoch, finished = state["epoch"] + 1, state["finished"]
-        if on_resume is not None and lead:
-            on_resume(list(history))
-    # Buffers are synced once, not before every step: no model keeps running statistics, and the ranks'
-    # buffers (e.g. MADE's masks, switched by a step counter that advances identically everywhere) stay
-    # equal. A static graph tolerates parameters no step uses (the last gated PixelCNN layer's h_out).
-    trainer: nn.Module = _TrainingLoss(model)
-    if distributed:
-        trainer = DistributedDataParallel(trainer, forward_sync_buffers=False, static_graph=True)
 
-    for epoch in range(start_epoch, params.epochs + 1):
-        if finished:
-            break
-        data = first if epoch == 1 else (train(epoch) if callable(train) else first)
-        perm = torch.randperm(len(data), generator=gen)[:n].to(device)
-        trainer.train()
-        total = torch.zeros((), device=device, dtype=torch.float64)
-        t0 = time.perf_counter()
-        bar = tqdm(
-            range(steps),
-            desc=f"{model.name} epoch {epoch}/{params.epochs}",
-            disable=not (params.progress and lead),
-            leave=False,
-            mininterval=1.0,
-        )
-        for step in bar:
-            batch = perm[step * params.batch_size : (step + 1) * params.batch_size]
-            shard = batch.tensor_split(world_size)[rank] if distributed else batch
-            # an empty shard (a last batch smaller than W) still joins the all-reduce, with weight 0
-            xb = data[shard if len(shard) else batch[:1]]  # (B / W, C, H, W)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                shard_nll = trainer(xb)  # mean NLL over this rank's images
-            loss = shard_nll * (world_size * len(shard) / len(batch)) if distributed else shard_nll
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if params.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            opt.step()
-            if sched is not None and not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                sched.step()  # per step (ReduceLROnPlateau subclasses LRScheduler but steps per epoch)
-            if len(shard):
-                total += shard_nll.detach().double() * len(shard)
-            if step % 25 == 0 or step == steps - 1:
-                done = total.clone()
-                if distributed:  # every rank sees the same value and stops together if it is not finite
-                    dist.all_reduce(done)
-                running = done.item() / min(n, (step + 1) * params.batch_size)
-                if not math.isfinite(running):
-                    _diverged(model, epoch, step, running, checkpoint_path, best_epoch, best_val)
-                bar.set_postfix(nll=f"{running:.2f}", bpd=f"{nats_to_bpd(running, model.num_dims):.4f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds
-        seen += n
-        train_nll = done.item() / n
-        val_nll = _mean_nll(model, val, params.eval_batch_size, device, rank, world_size)
-        if not math.isfinite(val_nll):
-            _diverged(model, epoch, steps, val_nll, checkpoint_path, best_epoch, best_val)
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(val_nll)
-        record = {
-            "epoch": float(epoch),
-            "train_nll": train_nll,
-            "val_nll": val_nll,
-            "train_bpd": nats_to_bpd(train_nll, model.num_dims),
-            "val_bpd": nats_to_bpd(val_nll, model.num_dims),
-            "lr": opt.param_groups[0]["lr"],
-            "epoch_seconds": epoch_seconds,
-            "train_images_per_second": n / epoch_seconds,
-        }
-        history.append(record)
-        if on_epoch is not None and lead:
-            on_epoch(record)
-        if params.progress and lead:
-            tqdm.write(
-                f"{model.name} epoch {epoch}: train {train_nll:.3f} nats, val {val_nll:.3f} nats "
-                f"({record['val_bpd']:.4f} bpd), {record['train_images_per_second']:.0f} img/s"
-            )
-        if val_nll < best_val - 1e-6:
-            best_val, best_epoch, bad_epochs = val_nll, epoch, 0
-            if lead:
-                best_ckpt = checkpoint_dict(model, epoch=epoch, val_nll=val_nll, **extra)
-                if resume_path is not None:  # kept past this epoch: on the CPU .cpu() aliases the weights
-                    best_ckpt["state_dict"] = {k: v.clone() for k, v in best_ckpt["state_dict"].items()}
-                atomic_torch_save(best_ckpt, checkpoint_path)
-        else:
-            bad_epochs += 1
-        # a wall-clock budget (max_minutes): convenient, but the stopping epoch then depends on the machine
-        out_of_time = params.max_minutes is not None and time.perf_counter() - start > 60 * params.max_minutes
-        if distributed and params.max_minutes is not None:  # rank 0's clock decides for all ranks
-            flag = torch.tensor(float(out_of_time), device=device)
-            dist.broadcast(flag, src=0)
-            out_of_time = bool(flag.item())
-        finished = bad_epochs >= params.patience or out_of_time or epoch == params.epochs
-        if resume_path is not None and lead:
-            atomic_torch_save(
-                {
-                    "format": RESUME_FORMAT,
-                    "run": identity,
-                    "epoch": epoch,
-                    "finished": finished,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "model_training_state": model.training_state(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else {},
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                    "history": history,
-                    "best_val": best_val,
-                    "best_epoch": best_epoch,
-                    "best_checkpoint": best_ckpt,
-                    "bad_epochs": bad_epochs,
-                    "train_seconds": train_seconds,
-                    "seen": seen,
-                    "seconds": time.perf_counter() - start,
-                },
-                resume_path,
-            )
 
-    if lead:
-        model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
-    if distributed:  # the other ranks get the best weights from rank 0, not from a (maybe unshared) disk
-        for t in model.state_dict().values():
-            buf = t.contiguous()
-            dist.broadcast(buf, src=0)
-            if buf.data_ptr() != t.data_ptr():
-                t.copy_(buf)
-    return FitResult(
-        best_epoch=best_epoch,
-        best_val_nll=best_val,
-        history=history,
-        seconds=time.perf_counter() - start,
-        train_images_per_second=seen / max(train_seconds, 1e-9),
-    )
+def _best_checkpoint(model: ARModel, state: TrainState, extra: dict[str, Any]) -> dict[str, Any]:
+    """The best epoch's checkpoint, its weights copied: on the CPU ``.cpu()`` aliases the live weights,
+    and the state keeps it past this epoch (for the resume file and the weights ``fit`` returns)."""
+    ckpt = checkpoint_dict(model, epoch=state.epoch, val_nll=state.best_value, **extra)
+    ckpt["state_dict"] = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+    return ckpt
+
+
+def _resume(
+    state: TrainState,
+    path: Path,
+    identity: dict[str, Any],
+    checkpoint_path: Path,
+    ranks: Ranks,
+    on_resume: Callable[[list[dict[str, float]]], None] | None,
+) -> None:
+    """Continue the run saved in ``path`` if it is this run (rank 0 reads it; every rank loads it)."""
+    saved = ranks.from_lead(_resumable_state(path, identity) if ranks.lead else None)
+    if saved is None:
+        return
+    best = saved["best_checkpoint"]
+    if ranks.lead and not _holds_epoch(checkpoint_path, best["epoch"], best["val_nll"]):
+        atomic_torch_save(best, checkpoint_path)
+    state.load_state_dict(saved)
+    if on_resume is not None and ranks.lead:
+        on_resume(list(state.history))
 
 
 def _digest(tensors: dict[str, Tensor]) -> str:
@@ -528,17 +481,3 @@ def _holds_epoch(path: Path, epoch: int, val_nll: float) -> bool:
     except Exception:
         return False
     return (ckpt.get("epoch"), ckpt.get("val_nll")) == (epoch, val_nll)
-
-
-def _diverged(
-    model: ARModel, epoch: int, step: int, value: float, ckpt: Path, best_epoch: int, best_val: float
-) -> None:
-    kept = (
-        f"the last good checkpoint is kept at {ckpt} (epoch {best_epoch}, val NLL {best_val:.3f} nats)"
-        if best_epoch
-        else "no checkpoint was written yet (no epoch finished)"
-    )
-    raise NonFiniteLossError(
-        f"{model.name}: the loss became {value} at epoch {epoch}, step {step}; training stopped and {kept}. "
-        "Lower the learning rate (lr) or set grad_clip for this model in params.yaml."
-    )
