@@ -1,17 +1,24 @@
 """Speed of every model in a params profile: training, scoring and sampling images/second.
 
 Also measures this machine's float32 matrix-multiply peak in the same run and reports PixelCNN's
-training FLOP/s (counted by ``torch.utils.flop_counter``) as a fraction of it. Writes JSON.
+training FLOP/s (counted by ``torch.utils.flop_counter``) as a fraction of it. With ``--budget-seconds S``
+each model is also trained for about S seconds the way the train stage trains it (its profile's recipe on
+data/binarized), and its test NLL is reported next to the throughputs: likelihood per second of compute.
+Writes JSON.
 
     python benchmarks/bench_models.py --params params.yaml --out benchmarks/results-cpu.json
+    python benchmarks/bench_models.py --models nade pixelcnn --budget-seconds 60 --out results.json
     python benchmarks/bench_models.py --params params-gpu.yaml --device cuda --out results-gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +28,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ardetect.models import ARModel, build_model
-from ardetect.params import load_params
+from ardetect.params import Params, load_params
+from ardetect.training import DensityTraining
+
+DATA = Path("data/binarized")  # the train stage's input (dvc repro binarize)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, min_seconds: float, max_iters: int = 1000) -> float:
@@ -73,6 +83,36 @@ def train_flops(model: ARModel, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def budget_training(
+    params: Params, name: str, seconds: float, images_per_second: float, folder: Path = DATA
+) -> dict[str, float]:
+    """Train ``name`` as the train stage does, for about ``seconds``: its recipe with the epochs (and, if
+    one epoch would not fit, the images per epoch) sized from the measured training throughput so the
+    learning-rate schedule ends near the budget, and ``max_minutes`` as the hard stop (checked after each
+    epoch, validation included). Returns the test NLL of the best weights and what the run took."""
+    run = DensityTraining.prepare(name, params.train, params.models, params.binarize, folder)
+    first = run.train(1) if callable(run.train) else run.train
+    per_epoch = min(len(first), run.params.max_train_images or len(first))
+    budget_images = max(run.params.batch_size, int(seconds * images_per_second))
+    epoch_images = min(per_epoch, budget_images)
+    recipe = dataclasses.replace(
+        run.params,
+        epochs=max(1, round(budget_images / epoch_images)),
+        max_train_images=epoch_images,
+        max_minutes=seconds / 60,
+        progress=False,
+    )
+    run = dataclasses.replace(run, params=recipe)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        metrics = run.metrics(run.fit(Path(checkpoints)))
+    return {
+        "budget_seconds": seconds,
+        "budget_epochs": recipe.epochs,
+        "budget_images_per_epoch": epoch_images,
+        **{f"budget_{k}": float(v) for k, v in metrics.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -84,6 +124,12 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=[1, 28, 28])
     ap.add_argument("--channels-last", action="store_true", help="conv models in channels-last memory format")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    ap.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=0.0,
+        help="also train each model this long on data/binarized and report its test NLL (0: skip)",
+    )
     ap.add_argument("--out", default="benchmarks/results.json")
     args = ap.parse_args()
 
@@ -105,6 +151,7 @@ def main() -> None:
             "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "fp32_matmul_flops": peak,
+            "load_average_1min": os.getloadavg()[0],  # other processes on a shared machine skew timings
         },
         "params": args.params,
         "models": {},
@@ -150,6 +197,8 @@ def main() -> None:
             row["train_flops_per_step"] = flops
             row["train_flops_per_second"] = flops / t_train
             row["fraction_of_fp32_matmul_peak"] = flops / t_train / peak
+        if args.budget_seconds > 0:
+            row |= budget_training(params, name, args.budget_seconds, row["train_images_per_second"])
         results["models"][name] = row
         print(
             f"{name:>16}: train {row['train_images_per_second']:9.0f} img/s | score "
@@ -158,6 +207,12 @@ def main() -> None:
             + (
                 f" | {row['fraction_of_fp32_matmul_peak']:.1%} of fp32 peak"
                 if "train_flops_per_second" in row
+                else ""
+            )
+            + (
+                f" | {args.budget_seconds:.0f} s budget: test NLL {row['budget_test_nll']:.2f} nats "
+                f"({row['budget_test_bpd']:.4f} bpd, {row['budget_epochs_run']:.0f} epochs)"
+                if "budget_test_nll" in row
                 else ""
             )
         )

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
+from ardetect import layout
 from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import SPLITS, BinarizeParams, binarize_splits, load_split, save_split
 from ardetect.io import staged_outputs, write_json
 from ardetect.tracking import TrackingParams, run_stage, stage_run
 
-IN = Path("data/dataset")
-OUT = Path("data/binarized")
+IN, OUT = layout.DATASET, layout.BINARIZED
 
 
 @config_dataclass

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pandas as pd
 
+from ardetect import layout
 from ardetect.classifier import (
     ClassifierConfig,
     ClassifierParams,
@@ -20,8 +20,7 @@ from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
 from ardetect.tracking import TrackingParams, run_stage, stage_run
 
-DATA = Path("data/dataset")
-OUTS = Path("data/classifier"), Path("data/metrics/classifier.json"), Path("data/plots/classifier.csv")
+OUTS = layout.CLASSIFIER_DIR, layout.CLASSIFIER_METRICS, layout.CLASSIFIER_PLOT
 
 
 @config_dataclass
@@ -34,18 +33,13 @@ def main() -> None:
     params = load_sections(StageParams)
     p = params.classifier
     device = resolve_device(p.device, "classifier.device")
-    train, val, test = (load_split(DATA / f"{s}.npz") for s in ("train", "val", "test"))
-    with stage_run("classifier", params.tracking, params=dataclasses.asdict(p), inputs=[DATA]) as run:
-        model, history = train_classifier(
-            train["images"],
-            train["labels"],
-            val["images"],
-            val["labels"],
-            narrow(p, ClassifierConfig),
-            device=device,
-            on_epoch=lambda r: run.log_metrics(r, step=int(r["epoch"])),
-            progress=p.progress,
-        )
+    train, val, test = (load_split(layout.split_path(s)) for s in ("train", "val", "test"))
+    inputs = [layout.DATASET]
+    with stage_run("classifier", params.tracking, params=dataclasses.asdict(p), inputs=inputs) as run:
+        log = lambda r: run.log_metrics(r, step=int(r["epoch"]))  # noqa: E731
+        model, history = train_classifier(train["images"], train["labels"], val["images"], val["labels"],
+                                          narrow(p, ClassifierConfig), device=device, on_epoch=log,
+                                          progress=p.progress)  # fmt: skip
         metrics = {
             "test_accuracy": accuracy(model, test["images"], test["labels"]),
             "val_accuracy": max(h["val_accuracy"] for h in history),
@@ -53,7 +47,7 @@ def main() -> None:
         }
         with staged_outputs(*OUTS) as (model_dir, metrics_path, plot_path):
             model_dir.mkdir()
-            save_classifier(model, model_dir / "model.pt", metrics=metrics)
+            save_classifier(model, model_dir / layout.CLASSIFIER.name, metrics=metrics)
             pd.DataFrame(history).to_csv(plot_path, index=False)
             run.log_headline(metrics, prefix="classifier")
             if params.tracking.log_models:

@@ -4,15 +4,14 @@ split into fixed train/val/test sets of gray-level uint8 images."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
+from ardetect import layout
 from ardetect.data import describe, prepare, save_split
 from ardetect.io import staged_outputs, write_json
 from ardetect.params import load_params
 from ardetect.tracking import run_stage, stage_run
 
-OUT = Path("data/dataset")
-CACHE = Path("data/torchvision")
+OUT, CACHE = layout.DATASET, layout.TORCHVISION_CACHE
 
 
 def main() -> None:

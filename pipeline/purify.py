@@ -1,46 +1,21 @@
-"""DVC stage `purify`: PixelDefend purification of clean and attacked images, and BPDA against it.
-
-The first ``purify.num_images`` attacked originals (``clean``) and the same rows of every attack set
-(data/attacks, data/adaptive) are purified under the 8-bit model ``purify.model`` at each
-``purify.eps_defend`` and classified before and after; ``bpda_pgd_e<k>`` is L∞ PGD through purifier
-and classifier (BPDA) on the first ``purify.bpda_images`` originals, crafted against each ε_defend.
-"""
+"""DVC stage `purify`: PixelDefend purification of the attacked originals and every attack set at each
+ε_defend, the classifier before and after, and BPDA PGD through the purifier (see ardetect.purify)."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from pathlib import Path
 
+from ardetect import layout
 from ardetect.attacks import AttackParams
-from ardetect.attacksets import AttackSet
 from ardetect.classifier import load_classifier
 from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import load_split
 from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import load_model, trained_model_paths
-from ardetect.purify import (
-    BPDA_ATTACK,
-    CLEAN,
-    DecodeStats,
-    PurifyParams,
-    as_metrics,
-    bpda_pgd,
-    check_purifier,
-    evaluation_sets,
-    purify_figure,
-    purify_problems,
-    purify_sets,
-)
-from ardetect.report import save_figure
+from ardetect.purify import PurifyParams, check_purifier, evaluation_sets, purify_problems, run_purify
 from ardetect.tracking import TrackingParams, run_stage, stage_run
 from ardetect.training import ModelEntry, TrainSection
-
-DATA, ATTACKS, ADAPTIVE, MODELS = (Path(f"data/{d}") for d in ("dataset", "attacks", "adaptive", "models"))
-CLASSIFIER = Path("data/classifier/model.pt")
-OUTS = Path("data/purify"), Path("data/metrics/purify.json")
-SHOWN = (CLEAN, "pgd_e8")  # sets drawn in the example figures, with the BPDA set
 
 
 @config_dataclass
@@ -59,43 +34,27 @@ def main() -> None:
     params = load_sections(StageParams)
     p = params.purify
     device = resolve_device(p.device, "purify.device")
-    model_path = trained_model_paths(MODELS, [p.model])[p.model]
+    model_path = trained_model_paths(layout.MODELS, [p.model])[p.model]
     density = load_model(model_path).to(device).eval()
     check_purifier(density)
-    clf = load_classifier(CLASSIFIER, device)
-    test = load_split(DATA / "test.npz")
-    files = sorted(ATTACKS.glob("*.npz")) + sorted(ADAPTIVE.glob("*.npz"))
+    clf = load_classifier(layout.CLASSIFIER, device)
+    test = load_split(layout.split_path("test"))
+    files = sorted(layout.ATTACKS.glob("*.npz")) + sorted(layout.ADAPTIVE.glob("*.npz"))
     sets = evaluation_sets(test["images"], test["labels"], files, p.num_images)
-    clean_images, labels = (a[: p.bpda_images] for a in sets[CLEAN])
-    bpda_slug = AttackSet(BPDA_ATTACK, p.bpda_epsilon).slug
-    inputs = [DATA, ATTACKS, ADAPTIVE, model_path.parent, CLASSIFIER]
+    inputs = [layout.DATASET, layout.ATTACKS, layout.ADAPTIVE, model_path.parent, layout.CLASSIFIER]
     with stage_run("purify", params.tracking, params=dataclasses.asdict(p), inputs=inputs) as run:
-        stats, start = DecodeStats(), time.perf_counter()
-        results = []
-        for eps in p.eps_defend:
-            results += purify_sets(clf, density, sets, eps, p.batch_size, device, p.progress, stats)
-            adversarial = bpda_pgd(clf, density, clean_images, labels, eps, p, device)
-            bpda = {bpda_slug: (adversarial, labels)}
-            results += purify_sets(clf, density, bpda, eps, p.batch_size, device, p.progress, stats)
-        seconds = time.perf_counter() - start
-        metrics = {p.model: as_metrics(results)}
-        with staged_outputs(*OUTS) as (out, metrics_path):
+        result = run_purify(clf, density, sets, p, device)
+        metrics = {p.model: result.metrics()}
+        with staged_outputs(layout.PURIFY, layout.PURIFY_METRICS) as (out, metrics_path):
             out.mkdir()
-            for eps in p.eps_defend:
-                shown = [r for r in results if r.eps_defend == eps and r.slug in (*SHOWN, bpda_slug)]
-                path = save_figure(purify_figure(shown), out / f"examples_eps{eps}.png")
+            for path in result.save_figures(out):
                 run.log_artifact(path)
-            for key, by_set in metrics[p.model].items():
-                for slug, m in by_set.items():
-                    run.log_headline(m, prefix=f"purify/{p.model}/eps{key}/{slug}")
-            run.log_metrics({"seconds": seconds, "decode_passes": float(stats.passes)})
+            cells = {f"eps{e}/{s}/{k}": v for e, sets_ in metrics[p.model].items()
+                     for s, m in sets_.items() for k, v in m.items()}  # fmt: skip
+            run.log_headline(cells, prefix=f"purify/{p.model}")
+            run.log_metrics({"seconds": result.seconds, "decode_passes": float(result.stats.passes)})
             write_json(metrics_path, metrics)
-        for key, by_set in metrics[p.model].items():
-            line = ", ".join(
-                f"{slug} {m['accuracy_before']:.0%}→{m['accuracy_after']:.0%}" for slug, m in by_set.items()
-            )
-            print(f"ε_defend={key}: {line}")
-        print(f"purified {stats.images} images with {stats.passes} decoding passes in {seconds:.1f} s")
+        print(result.summary())
 
 
 if __name__ == "__main__":

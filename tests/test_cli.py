@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from ardetect import cli
-from ardetect.detection import COLUMNS, pvalues, threshold_at_fpr
+from ardetect.detection import COLUMNS, pvalues, threshold_at_fpr, verdicts
 from ardetect.models import build_model, save_model
 from ardetect.scoring import Binarization, ScoreConfig, score_bpd
 
@@ -50,6 +50,8 @@ def _write_params(root: Path) -> None:
     }
     raw["binarize"]["mode"] = "dynamic"
     raw["adaptive"]["model"] = "tiny_8bit"
+    raw["purify"]["model"] = "tiny_8bit"
+    raw["ood"]["background"] = {}
     raw["score"].update(num_draws=NUM_DRAWS, seed=SEED, device="cpu")
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
@@ -407,7 +409,7 @@ def test_missing_checkpoint_or_scores_asks_for_dvc_repro(
 def test_verdicts_flag_scores_above_the_threshold() -> None:
     val = np.arange(1, 101, dtype=float)  # threshold at 5% FPR: 96
     ref = np.arange(10, dtype=float)
-    rows = cli.verdicts(["a", "b", "c"], np.array([96.0, 96.5, 5.0]), np.zeros(3), "m", ref, val, 0.05)
+    rows = verdicts(["a", "b", "c"], np.array([96.0, 96.5, 5.0]), np.zeros(3), "m", ref, val, 0.05)
     assert [r.threshold for r in rows] == [96.0] * 3
     assert [r.verdict for r in rows] == ["clean", "adversarial", "clean"]
     assert [r.pvalue for r in rows] == [1 / 11, 1 / 11, 6 / 11]

@@ -24,7 +24,6 @@ from ardetect.compression import (
     decode,
     decompress_images,
     encode,
-    stream_bits,
 )
 from ardetect.models import build_model, save_model
 from ardetect.models.base import ARModel
@@ -70,13 +69,17 @@ def ideal_bits(model: ARModel, images: np.ndarray) -> float:
 def test_round_trip_is_lossless_and_costs_minus_log2_p(model: ARModel, images: np.ndarray) -> None:
     sizes = batch_sizes(len(images), 3, first=2)
     assert sizes == [2, 3, 2]
-    words = encode(model, images, sizes)
-    np.testing.assert_array_equal(decode(model, words, sizes), images)  # noise pixels too
-    np.testing.assert_array_equal(decode(model, words, sizes[:1]), images[:2])  # a prefix of the stream
+    stream = encode(model, images, sizes)
+    np.testing.assert_array_equal(decode(model, stream.words, sizes), images)  # noise pixels too
+    np.testing.assert_array_equal(decode(model, stream.words, sizes[:1]), images[:2])  # a prefix
     samples = encode(model, images[:5], batch_sizes(5, 3))
     ideal = ideal_bits(model, images[:5])
     assert ideal < 8 * images[:5].size / 4  # peaked conditionals: far below 8 bits per pixel
-    assert -1.0 <= stream_bits(samples) - ideal <= ANS_OVERHEAD_BITS
+    assert -1.0 <= samples.bits - ideal <= ANS_OVERHEAD_BITS
+    # the stream's own account of -log2 p(x), image by image, is the model's log_prob
+    with torch.no_grad():
+        nats = -model.log_prob(torch.as_tensor(images).float()).double().numpy()
+    np.testing.assert_allclose(stream.model_bits, nats / math.log(2), rtol=1e-5)
 
 
 def test_unlikely_pixels_cost_more_but_at_most_their_information(model: ARModel, images: np.ndarray) -> None:
@@ -84,7 +87,7 @@ def test_unlikely_pixels_cost_more_but_at_most_their_information(model: ARModel,
     probability at 2^-24, so a pixel the model all but rules out costs at most about 24 bits)."""
     bits = {}
     for key, part in (("samples", images[:5]), ("noise", images[5:])):
-        bits[key] = stream_bits(encode(model, part, [len(part)]))
+        bits[key] = encode(model, part, [len(part)]).bits
         assert bits[key] <= ideal_bits(model, part) + ANS_OVERHEAD_BITS
         assert bits[key] >= 0.5 * ideal_bits(model, part)
     per_pixel = {k: v / (5 if k == "samples" else 2) for k, v in bits.items()}
@@ -93,7 +96,7 @@ def test_unlikely_pixels_cost_more_but_at_most_their_information(model: ARModel,
 
 def test_decoding_depends_on_the_model_and_every_word(model: ARModel, images: np.ndarray) -> None:
     sizes = batch_sizes(len(images), 4)
-    words = encode(model, images, sizes)
+    words = encode(model, images, sizes).words
     assert not np.array_equal(decode(tiny_model(1), words, sizes), images)
     for i in (0, len(words) // 2, len(words) - 1):
         damaged = words.copy()

@@ -52,6 +52,7 @@ from ardetect.training import ResumeIgnoredWarning, TrainParams, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync cost
 PARAMS = TrainParams(
     batch_size=16, epochs=6, lr=0.01, patience=100, progress=False, eval_batch_size=64, device="cpu"
 )

@@ -62,6 +62,8 @@ def tiny_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
         progress=False,
     )
     params["detect"].update(n_boot=50)
+    params["compress"].update(num_images=20, roundtrip_images=1, progress=False)
+    params["purify"].update(num_images=8, eps_defend=[16], bpda_images=4, bpda_steps=2, progress=False)
     return params
 
 
@@ -114,6 +116,10 @@ def mlflow_runs(env: dict[str, str]) -> Any:
     return mlflow.search_runs(experiment_names=["ardetect"], output_format="list")
 
 
+def metrics_of(work: Path, name: str) -> dict[str, float]:
+    return dict(json.loads((work / "data/metrics/train" / f"{name}.json").read_text()))
+
+
 def test_outputs_and_metrics(repo: tuple[Path, dict[str, str], str]) -> None:
     work, env, _ = repo
     for name in ("fvsbn", "nade", "made", "pixelcnn_8bit"):
@@ -125,9 +131,16 @@ def test_outputs_and_metrics(repo: tuple[Path, dict[str, str], str]) -> None:
         assert metrics["best_epoch"] >= 1
         history = (work / "data/plots/train" / f"{name}.csv").read_text().splitlines()
         assert history[0].startswith("epoch,train_nll,val_nll") and len(history) == 3
+    # dvc metrics show: the compact headline only, one row per density model, the same keys in each
     shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], work, env))
-    flat = json.dumps(shown)
-    assert "data/metrics/train/made.json" in flat and "test_bpd" in flat
+    files = next(iter(shown.values()))["data"]
+    assert set(files) == {
+        f"data/metrics/headline/{m}.json" for m in ("fvsbn", "nade", "made", "pixelcnn_8bit")
+    }
+    made = files["data/metrics/headline/made.json"]["data"]
+    assert made["test_bpd"] == pytest.approx(metrics_of(work, "made")["test_bpd"], abs=1e-4)
+    table = run([str(BIN / "dvc"), "metrics", "show"], work, env)
+    assert max(len(line) for line in table.splitlines()) <= 200, table
     info = json.loads((work / "data/dataset/info.json").read_text())
     assert info["dataset"] == "digits" and info["splits"]["test"]["n"] == 359
 
@@ -161,6 +174,9 @@ def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
         "bpd_densities.png",
         "pvalues.png",
         "sweep.png",
+        "## Out-of-distribution detection",
+        "## Compression: BPD is a code length",
+        "## PixelDefend purification",
     ):
         assert needle in report, needle
     assert (
@@ -181,6 +197,14 @@ def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
     adv = scores[scores["attack"].fillna("").str.startswith("adaptive_")]
     assert set(adv["model"]) == {"fvsbn", "nade", "made", "pixelcnn_8bit"} and len(adv) == 4 * 3 * 8
     assert "adaptive_pgd_e8" in detection["pixelcnn_8bit"] or adv["success"].sum() == 0
+    compressed = json.loads((work / "data/metrics/compress.json").read_text())
+    assert set(compressed) == {"pixelcnn_8bit"} and compressed["pixelcnn_8bit"]["roundtrip_ok"]
+    assert abs(compressed["pixelcnn_8bit"]["coded_bpd"] - compressed["pixelcnn_8bit"]["model_bpd"]) < 0.05
+    purified = json.loads((work / "data/metrics/purify.json").read_text())["pixelcnn_8bit"]["16"]
+    assert {"clean", "bpda_pgd_e8", "pgd_e8"} <= set(purified)
+    assert all(0 <= m["accuracy_after"] <= 1 and m["n"] > 0 for m in purified.values())
+    ood = json.loads((work / "data/metrics/ood.json").read_text())
+    assert "likelihood_ratio" in ood["auroc"]["pixelcnn_8bit"]["mnist"]
     roc = pd.read_csv(work / "data/plots/roc/pixelcnn_8bit.csv")
     assert list(roc.columns) == ["fpr", "tpr", "curve", "point"] and roc["tpr"].between(0, 1).all()
     html = run([str(BIN / "dvc"), "plots", "show", "--out", str(work / "plots-html")], work, env)
@@ -201,9 +225,12 @@ def test_mlflow_parent_and_children(repo: tuple[Path, dict[str, str], str]) -> N
         "attack",
         "binarize",
         "classifier",
+        "compress",
         "detect",
         "download",
         "ood",
+        "purify",
+        "report",
         "score",
         "train@fvsbn",
         "train@made",
@@ -319,6 +346,7 @@ def mlflow_server(backend_uri: str, *extra: str, log: Path | None = None) -> Ite
         [*cmd, "--backend-store-uri", backend_uri, *extra],
         stdout=out,
         stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # access-log lines reach the file as they happen
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -328,7 +356,7 @@ def mlflow_server(backend_uri: str, *extra: str, log: Path | None = None) -> Ite
             try:
                 if requests.get(f"{url}/health", timeout=1).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow to answer
                 pass
             assert proc.poll() is None, "mlflow server exited during start-up"
             assert time.monotonic() < deadline, "mlflow server did not answer /health within 90 s"
@@ -456,7 +484,9 @@ def test_mlflow_ui_and_dvc_plots_in_a_real_browser(repo: tuple[Path, dict[str, s
         env,
     )
     index = html_dir / "index.html"
-    plot_ids = re.findall(r'<div id="([^"]+)"', index.read_text())  # one div per plot, empty until drawn
+    page_source = DrawnPlots()
+    page_source.feed(index.read_text())
+    plot_ids = list(page_source.drawn)  # the template's only ids: one empty div per plot, until Vega draws
     assert "data_plots_roc_pixelcnn_8bit_csv" in plot_ids, "no ROC plot for the 8-bit model on the page"
     dom, errors = chromium(index.as_uri(), "--dump-dom")
     assert not errors, f"uncaught JavaScript errors on the dvc plots page: {errors}"

@@ -107,8 +107,10 @@ def test_purified_images_stay_in_the_window_and_in_range(favoured: int) -> None:
     that side, no further: min(x + eps, 255) or max(x - eps, 0)."""
     model = tiny("pixelcnn")
     slope = torch.arange(256.0) * (1e3 if favoured == 255 else -1e3)
+    last = model.head[-1]  # type: ignore[index]
+    assert isinstance(last, nn.Conv2d) and last.bias is not None
     with torch.no_grad():
-        model.head[-1].bias += slope  # the logits' last layer: monotone in the level, everywhere
+        last.bias += slope  # the logits' last layer: monotone in the level, everywhere
     x = random_images(4, (1, 10, 10))
     for eps in (0, 5, 40):
         y = purify(model, x, eps)
@@ -192,8 +194,12 @@ def test_markdown_section_reports_the_strongest_attack() -> None:
     text = markdown_section(metrics)
     assert "| `cw` | 9 | 20% | 70% | 85% |" in text
     assert "| `bpda_pgd_e8` (against ε=32) | 4 | 40% | — | 80% |" in text
-    assert "`cw`, accuracy 20%" in text
-    assert "30% at ε=16 (`bpda_pgd_e8`), 75% at ε=32 (`fgsm_e8`)" in text
+    strongest, bounded = (line for line in text.splitlines() if "before purification: `" in line)
+    assert "`cw`, accuracy 20%" in strongest  # the noise control's 10% is no attack
+    assert "30% at ε_defend=16 (`bpda_pgd_e8`), 75% at ε_defend=32 (`fgsm_e8`)" in strongest
+    assert "`fgsm_e8`, accuracy 60%" in bounded  # cw is unbounded: outside PixelDefend's threat model
+    assert "30% at ε_defend=16 (`bpda_pgd_e8`), 75% at ε_defend=32 (`fgsm_e8`)" in bounded
+    assert text.index("| `clean` |") < text.index("| `fgsm_e8` |") < text.index("| `cw` |")
     assert "63% to 84%" in text
 
 
@@ -201,3 +207,15 @@ def test_bpda_needs_an_8bit_model() -> None:
     binary = build_model("pixelcnn", (1, 8, 8), levels=2, channels=4, blocks=1, head_channels=4)
     with pytest.raises(ValueError, match="8-bit model"):
         BPDAPurifier(nn.Identity(), binary, 8)
+
+
+def test_params_reject_a_binary_model_and_more_bpda_images_than_images() -> None:
+    from ardetect.configs import ParamsError, read_params_file
+    from ardetect.params import parse_params
+
+    raw = read_params_file(Path(__file__).resolve().parents[1] / "params.yaml")
+    raw["purify"] = {**raw["purify"], "model": "pixelcnn", "num_images": 8, "bpda_images": 9}
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert "purify.model = 'pixelcnn': purification needs an 8-bit model" in str(err.value)
+    assert "purify.bpda_images = 9: at most purify.num_images = 8" in str(err.value)

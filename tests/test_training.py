@@ -14,6 +14,7 @@ from ardetect.models.fvsbn import FVSBN, FVSBNConfig
 from ardetect.training import NonFiniteLossError, TrainParams, evaluate_nll, fit, nats_to_bpd
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync cost
 PARAMS = TrainParams(batch_size=32, epochs=6, lr=0.01, patience=10, progress=False, eval_batch_size=64)
 
 

@@ -22,7 +22,8 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import foolbox as fb
 import numpy as np
@@ -34,11 +35,21 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveIn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ardetect.attacks import AttackParams, Epsilon, failure_sentinel, perturbation_norms
-from ardetect.attacksets import AttackSet
-from ardetect.classifier import seeded
+from ardetect.attacks import (
+    AttackParams,
+    Epsilon,
+    adversarial_figure,
+    failure_sentinel,
+    perturbation_norms,
+    select_correct,
+)
+from ardetect.attacksets import AttackSet, save_attack_set
+from ardetect.classifier import predict, seeded
 from ardetect.configs import Device, config_dataclass
+from ardetect.detection import threshold_at_fpr
 from ardetect.models.base import ARModel
+from ardetect.report import save_figure
+from ardetect.scoring import ScoreParams, clean_test_pools, score_bpd
 
 if TYPE_CHECKING:  # types only: the adaptive stage's closure stays free of the training loop
     from ardetect.training import ModelEntry, TrainSection
@@ -374,3 +385,103 @@ def sweep_figure(runs: Sequence[SweepRun], clean_bpd: float, threshold: float) -
     ax_bpd.legend(fontsize=8)
     ax_joint.legend(fontsize=8)
     return fig
+
+
+def detector_threshold(
+    classifier: nn.Module,
+    density: ARModel,
+    test: dict[str, np.ndarray],
+    attack: AttackParams,
+    score: ScoreParams,
+    fpr: float,
+    device: torch.device,
+) -> tuple[float, np.ndarray]:
+    """(τ, the attacked originals): the detector's own threshold, ``fpr`` on the score stage's clean
+    ``calib`` images under ``density``, and the test indices the oblivious attacks attacked."""
+    images, labels = test["images"], test["labels"]
+    attacked = select_correct(classifier, images, labels, attack.num_images, param="attack.num_images")
+    correct = predict(classifier, images) == labels
+    _, calib = clean_test_pools(correct, attacked, score.num_test, score.num_calib, score.seed)
+    calib_bpd, _ = score_bpd(density, images[calib], None, score, device, progress=False)
+    return threshold_at_fpr(calib_bpd, fpr), attacked
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveRun:
+    """The adaptive stage's work on images ``index`` of the test split: the sweep, the strongest relaxed
+    scale, and one result per adaptive set at that scale."""
+
+    model: str
+    threshold: float
+    index: np.ndarray  # (N,) test indices
+    images: np.ndarray  # (N, C, H, W) uint8 originals
+    labels: np.ndarray
+    clean_bpd: np.ndarray  # (N,)
+    sweep: list[SweepRun]
+    scale: float
+    results: list[AdaptiveResult]
+
+    def metrics(self, sweep_steps: int) -> dict[str, Any]:
+        """data/metrics/adaptive.json (read back by the detect stage)."""
+        return {
+            "model": self.model,
+            "threshold": self.threshold,
+            "scale": self.scale,
+            "clean_bpd_mean": float(self.clean_bpd.mean()),
+            "sets": {r.attack_set.slug: r.summary() for r in self.results},
+            "sweep": {
+                f"{r.label} ({r.result.attack_set.slug}, {sweep_steps} steps)": {
+                    **r.result.summary(),
+                    "final_relaxed_bpd": float(r.bpd_per_step[-1]),
+                }
+                for r in self.sweep
+            },
+        }
+
+    def save(self, folder: Path) -> list[Path]:
+        """One attack-set file per result, sweep.png and examples.png in ``folder``; returns the figures."""
+        for r in self.results:
+            save_attack_set(folder, r, self.index, self.labels, target=r.target, bpd=r.bpd, evaded=r.evaded,
+                            joint=r.joint, threshold=self.threshold, scale=self.scale)  # fmt: skip
+        n_sweep = len(self.sweep[0].result.bpd)  # the sweep attacks the first sweep_images originals
+        sweep = sweep_figure(self.sweep, float(self.clean_bpd[:n_sweep].mean()), self.threshold)
+        examples = adversarial_figure(self.images, self.labels, self.results)
+        return [save_figure(sweep, folder / "sweep.png"), save_figure(examples, folder / "examples.png")]
+
+    def lines(self) -> list[str]:
+        return [
+            f"{slug}: classifier fooled {m['classifier_success']:.0%}, of those under τ "
+            f"{m['evasion_rate']:.0%}, both {m['joint_success']:.0%} "
+            f"(scale {self.scale:g}, τ = {self.threshold:.3f} bpd)"
+            for slug, m in ((r.attack_set.slug, r.summary()) for r in self.results)
+        ]
+
+
+def adaptive_attacks(
+    classifier: nn.Module,
+    density: ARModel,
+    test: dict[str, np.ndarray],
+    params: AdaptiveParams,
+    attack: AttackParams,
+    score: ScoreParams,
+    fpr: float,
+    device: torch.device,
+) -> AdaptiveRun:
+    """The adaptive stage: τ (:func:`detector_threshold`), the strength sweep (PGD at the first ε on
+    ``sweep_images`` originals, per scale), then every adaptive set on the first ``params.num_images``
+    attacked originals at the strongest relaxed scale."""
+    threshold, attacked = detector_threshold(classifier, density, test, attack, score, fpr, device)
+    index = attacked[: params.num_images]
+    x, y = test["images"][index], test["labels"][index]
+    n, eps, progress = params.sweep_images, params.epsilons[0], params.progress
+    sweep = strength_sweep(
+        classifier, density, x[:n], y[:n], eps, threshold, params, device=device, progress=progress
+    )
+    scale = max((r for r in sweep if r.relax), key=lambda r: r.result.joint.mean()).scale  # the strongest
+    sets = [AttackSet("adaptive_pgd", e) for e in params.epsilons] + [AttackSet("adaptive_cw")]
+    results = [
+        run_adaptive(classifier, density, x, y, s, threshold, scale, params, device=device, progress=progress)
+        for s in sets
+    ]
+    clean_bpd, _ = score_bpd(density, x, None, score, device, progress=False)
+    return AdaptiveRun(params.model, threshold, index, x, y, clean_bpd, sweep, scale, results)

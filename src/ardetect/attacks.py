@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import foolbox as fb
@@ -52,7 +53,7 @@ from pydantic import (
 from torch import nn
 from tqdm.auto import tqdm
 
-from ardetect.attacksets import AttackOutput, AttackSet
+from ardetect.attacksets import AttackOutput, AttackSet, save_attack_set
 from ardetect.classifier import ArrayLike, as_labels, predict, seeded
 from ardetect.configs import Device, config_dataclass
 
@@ -365,3 +366,42 @@ def adversarial_figure(
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
+
+
+def attack_metrics(summary: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """data/metrics/attack.json: :func:`attack_summary`'s rates, norms and wall time per set."""
+    keys = (
+        "success_before_rounding",
+        "success_after_rounding",
+        "failed",
+        "mean_linf",
+        "mean_l2",
+        "seconds_per_image",
+    )
+    return {row["set"]: {k: float(row[k]) for k in keys} for _, row in summary.iterrows()}
+
+
+def save_attacks(
+    folder: Path, results: Sequence[AttackResult], index: np.ndarray, images: np.ndarray, labels: np.ndarray
+) -> tuple[Path, Path]:
+    """One attack-set file per result, summary.csv and examples.png in ``folder``; returns the last two.
+
+    The summary leaves out wall time (it stays in attack.json, not cached): in data/attacks it would
+    change the folder's hash on every run and rerun score and detect for nothing."""
+    for r in results:
+        save_attack_set(folder, r, index, labels, success_before_rounding=r.success_before_rounding)
+    summary = folder / "summary.csv"
+    attack_summary(results).drop(columns="seconds_per_image").to_csv(summary, index=False)
+    examples = folder / "examples.png"
+    adversarial_figure(images, labels, results).savefig(examples, dpi=120)
+    return summary, examples
+
+
+def attacked_originals(model: nn.Module, test: dict[str, np.ndarray], num_images: int) -> np.ndarray:
+    """Indices of the first ``num_images`` test images the classifier gets right (``attack.num_images``)."""
+    if num_images > len(test["labels"]):
+        raise ValueError(
+            f"attack.num_images = {num_images} exceeds the {len(test['labels'])} test images; "
+            "lower it in params.yaml"
+        )
+    return select_correct(model, test["images"], test["labels"], num_images, param="attack.num_images")

@@ -13,10 +13,11 @@ Decoding works only if the decoder's coder model is bit-identical to the encoder
 * each coder model is a pure elementwise function of the logits (``exp(logit - row max)`` in float64;
   constriction rescales each row to its fixed-point distribution), never a reduction whose rounding
   could depend on the array it sits in;
-* the logits of a position must not depend on later pixels, to the last bit: masked weights are exact
-  zeros, so a later pixel adds an exact ``0 * x`` to the same sum in the same order (measured on the
-  trained ``pixelcnn_8bit`` and ``gated_pixelcnn_8bit``: every position's logits from the partial image
-  equal the full image's, bit for bit);
+* the logits of a position must not depend on later pixels, to the last bit: PixelCNN's masked
+  weights are exact zeros, so a later pixel adds an exact ``0 * x`` to the same sum in the same order,
+  and the gated PixelCNN's shifted stacks never sum over it at all (measured on the trained
+  ``pixelcnn_8bit`` and ``gated_pixelcnn_8bit``: the logits from the partly decoded image equal the
+  full image's, bit for bit);
 * the batch must be the same: on the CPU the convolution's kernel depends on the batch size, and one
   image alone gives logits that differ in the last bits from the same image in a batch of four. So
   images are coded in batches whose sizes are part of the stream (:func:`batch_sizes`), and the decoder
@@ -27,9 +28,10 @@ and the batching, a CRC-32 of the original pixels (checked after decoding: a dec
 fails loudly instead of writing a wrong image) and a CRC-32 of the whole file (checked before decoding).
 
 Baselines (:func:`baseline_bpd`) compress each image on its own, as PNG does: PNG (Pillow,
-``optimize=True``), gzip (level 9) and xz (``-9e``, .xz container), bits of each file summed over all images and
-divided by all dimensions. The model's stream is one stream for all images, so its few bits of coder
-overhead are shared, while each baseline pays its container header (PNG about 60 bytes) per image.
+``optimize=True``), gzip (level 9) and xz (``-9e``, .xz container), bits of each file summed over all
+images and divided by all dimensions. The model's stream is one stream for all images, so its few bits
+of coder overhead are shared, while each baseline pays its container header (PNG about 60 bytes) per
+image.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import gzip
 import hashlib
 import io
 import lzma
+import math
 import struct
 import time
 import zlib
@@ -52,7 +55,6 @@ from tqdm.auto import tqdm
 
 from ardetect.configs import Device, config_dataclass
 from ardetect.models.base import ARModel
-from ardetect.scoring import ScoreConfig, score_bpd
 
 if TYPE_CHECKING:  # types only: the compress stage's closure stays free of the training loop
     from ardetect.training import ModelEntry
@@ -74,8 +76,8 @@ class CompressParams:
 
     models: list[str] | None = None  # 8-bit models of train.models; null: every 8-bit detector model
     num_images: PositiveInt = 1000  # the first N clean test images
-    roundtrip_images: PositiveInt = 4  # decoded and compared (one forward pass per pixel)
-    batch_size: PositiveInt = 100
+    roundtrip_images: PositiveInt = 1  # decoded and compared (one forward pass per pixel)
+    batch_size: PositiveInt = 50  # images per forward pass while encoding
     device: Device = "auto"
     progress: bool = True
 
@@ -152,16 +154,19 @@ def batch_sizes(num_images: int, batch_size: int, first: int | None = None) -> l
     return head + [min(batch_size, rest - i) for i in range(0, rest, batch_size)]
 
 
-def _coder_probs(model: ARModel, x: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
-    """Unnormalised float64 probabilities ``(P, B, levels)`` of ``positions`` (flat indices), step-major.
+def _coder_probs(logits: torch.Tensor, positions: torch.Tensor) -> np.ndarray:
+    """Unnormalised float64 probabilities ``(P, B, levels)`` of ``positions`` (flat indices), step-major,
+    from a forward pass's categorical logits ``(B, levels, C, H, W)``.
 
     ``exp(logit - row max)`` is elementwise after an exact max, so the same logits give the same rows
-    whatever else the array holds; constriction normalises each row itself.
+    whatever else the array holds (not torch's exp: its CPU kernel runs an array's tail through the
+    scalar function, the rest through the vectorised one, which may round differently); constriction
+    normalises each row itself.
     """
-    b = x.shape[0]
-    logits = model(x).reshape(b, model.levels, -1)  # (B, levels, D)
-    rows = logits[:, :, positions].permute(2, 0, 1).double().cpu().numpy()  # (P, B, levels)
-    return np.exp(rows - rows.max(axis=-1, keepdims=True))
+    flat = logits.flatten(2)  # (B, levels, D)
+    rows: np.ndarray = flat.permute(2, 0, 1)[positions].double().cpu().numpy()  # (P, B, levels)
+    rows -= rows.max(axis=-1, keepdims=True)
+    return np.exp(rows, out=rows)  # numpy's exp: one code path for every element, wherever it sits
 
 
 def _family() -> Any:
@@ -182,6 +187,19 @@ def _check_images(model: ARModel, images: np.ndarray) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """An ANS stream and what the model says it should cost."""
+
+    words: np.ndarray  # (W,) uint32
+    model_bits: np.ndarray  # (N,) float64: -log2 p(x) of each image by ``log_prob_from_logits``
+
+    @property
+    def bits(self) -> int:
+        """The stream's real length: whole 32-bit words, as stored."""
+        return 32 * len(self.words)
+
+
 @torch.inference_mode()
 def encode(
     model: ARModel,
@@ -189,8 +207,9 @@ def encode(
     sizes: Sequence[int],
     device: torch.device | str = "cpu",
     progress: bool = False,
-) -> np.ndarray:
-    """The ANS stream (uint32 words) of uint8 ``images`` (N, C, H, W), coded in batches of ``sizes``.
+) -> Stream:
+    """The ANS stream of uint8 ``images`` (N, C, H, W), coded in batches of ``sizes``, with each image's
+    -log2 p(x) from the same forward pass (the model's ``log_prob_from_logits``, as ``log_prob``).
 
     ANS is a stack: the last batch goes in first, each batch step-major (all images' pixel ``order[0]``,
     then ``order[1]``, ...), so :func:`decode` reads image batches and pixels in their natural order.
@@ -204,15 +223,18 @@ def encode(
     model = model.to(device).eval()
     order = model.order.to(device)
     coder, family = constriction.stream.stack.AnsCoder(), _family()
+    nats = []
     for batch in tqdm(_split(images, sizes)[::-1], desc="encode", leave=False, disable=not progress):
         x = torch.as_tensor(batch).to(device).float()  # (B, C, H, W) levels, as decode feeds them
-        probs = _coder_probs(model, x, order)  # (D, B, levels)
-        symbols = x.reshape(len(x), -1)[:, order].T  # (D, B)
+        logits = model(x)  # (B, levels, C, H, W)
+        nats.append(-model.log_prob_from_logits(logits, x).double().cpu().numpy())  # (B,)
+        probs = _coder_probs(logits, order)  # (D, B, levels)
+        symbols = x.flatten(1)[:, order].T  # (D, B)
         coder.encode_reverse(
             symbols.reshape(-1).to(torch.int32).cpu().numpy(), family, probs.reshape(-1, model.levels)
         )
-    words: np.ndarray = coder.get_compressed()
-    return words
+    model_bits = np.concatenate(nats[::-1]) / math.log(2) if nats else np.zeros(0)
+    return Stream(coder.get_compressed(), model_bits)
 
 
 @torch.inference_mode()
@@ -237,15 +259,10 @@ def decode(
         x = torch.zeros((b, *model.image_shape), device=device)  # (B, C, H, W), undecoded pixels 0
         flat = x.view(b, -1)  # (B, D), shares storage with x
         for idx in tqdm(steps, desc="decode", leave=False, disable=not progress):
-            probs = _coder_probs(model, x, torch.tensor([idx], device=device))  # (1, B, levels)
+            probs = _coder_probs(model(x), torch.tensor([idx], device=device))  # (1, B, levels)
             flat[:, idx] = torch.from_numpy(coder.decode(family, probs[0]).astype(np.float32)).to(device)
         out.append(x.to(torch.uint8).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, *model.image_shape), np.uint8)
-
-
-def stream_bits(words: np.ndarray) -> int:
-    """The stream's real length in bits: whole 32-bit words, as stored."""
-    return 32 * len(words)
 
 
 # --- baselines ---------------------------------------------------------------------------------------
@@ -283,24 +300,25 @@ def measure(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Code ``images`` in one stream and compare its size with the model's BPD (``score_bpd``).
+    """Code ``images`` in one stream and compare its size with the model's BPD on them.
 
     The first batch holds the ``roundtrip_images`` images that are decoded again, so the decoder runs
-    exactly the batch the encoder ran.
+    exactly the batch the encoder ran. The BPD comes from the encoder's forward pass through the
+    model's own likelihood (``log_prob_from_logits``, what ``log_prob`` and ``score_bpd`` run), which
+    saves a second pass over the images.
     """
     sizes = batch_sizes(len(images), batch_size, first=roundtrip_images)
     start = time.perf_counter()
-    words = encode(model, images, sizes, device, progress)
+    stream = encode(model, images, sizes, device, progress)
     encode_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    decoded = decode(model, words, sizes[:1], device, progress)
+    decoded = decode(model, stream.words, sizes[:1], device, progress)
     decode_seconds = time.perf_counter() - start
-    model_bpd, _ = score_bpd(model, images, None, ScoreConfig(batch_size=batch_size), device, progress=False)
-    coded = stream_bits(words) / images.size
+    coded, model_bpd = stream.bits / images.size, float(stream.model_bits.sum()) / images.size
     return {
         "coded_bpd": coded,
-        "model_bpd": float(model_bpd.mean()),  # every image has the same dimensions
-        "difference": coded - float(model_bpd.mean()),
+        "model_bpd": model_bpd,
+        "difference": coded - model_bpd,
         "roundtrip_ok": bool(np.array_equal(decoded, images[:roundtrip_images])),
         "num_images": len(images),
         "roundtrip_images": roundtrip_images,
@@ -371,7 +389,7 @@ def compress_images(
 ) -> bytes:
     """A self-describing compressed file of uint8 ``images`` (N, C, H, W) under the model ``name``."""
     _check_images(model, images)
-    words = encode(model, images, batch_sizes(len(images), batch_size), device)
+    words = encode(model, images, batch_sizes(len(images), batch_size), device).words
     raw_name = name.encode()
     if len(raw_name) > 255:
         raise ValueError(f"model name too long for the file header ({len(raw_name)} bytes, at most 255)")
@@ -441,6 +459,7 @@ __all__ = [
     "CompressParams",
     "CompressedFileError",
     "Header",
+    "Stream",
     "baseline_bpd",
     "batch_sizes",
     "compress_images",
@@ -453,6 +472,33 @@ __all__ = [
     "markdown_section",
     "measure",
     "read_file",
-    "stream_bits",
     "weights_sha256",
 ]
+
+
+def compress_image(model: ARModel, name: str, gray: np.ndarray) -> tuple[bytes, float]:
+    """One (H, W) uint8 image as a compressed file (``ardetect compress``), and the model's BPD of it:
+    the code length the file should come close to, header aside."""
+    images = gray[None, None]  # (1, 1, H, W)
+    data = compress_images(model, name, images)
+    with torch.inference_mode():
+        bpd = float(model.bpd(torch.as_tensor(images).float())[0])
+    return data, bpd
+
+
+def single_image_header(data: bytes) -> Header:
+    """The header of a file that ``ardetect compress`` wrote (one image); CompressedFileError otherwise,
+    before any model work."""
+    header, _ = read_file(data)
+    if header.num_images != 1:
+        raise CompressedFileError(f"holds {header.num_images} images; `ardetect compress` writes one")
+    return header
+
+
+def summary_line(name: str, m: Mapping[str, Any]) -> str:
+    """One model's compress.json entry as the stage prints it."""
+    return (
+        f"{name}: {m['coded_bpd']:.4f} coded vs {m['model_bpd']:.4f} model bits/dim "
+        f"({m['difference']:+.4f}), round trip {'ok' if m['roundtrip_ok'] else 'FAILED'}; "
+        f"PNG {m['png_bpd']:.3f}, gzip {m['gzip_bpd']:.3f}, xz {m['xz_bpd']:.3f}"
+    )

@@ -53,7 +53,6 @@ class BinarizeParams:
     seed: NonNegativeInt = 0
 
 
-DatasetName = Literal["mnist", "fashion-mnist", "digits"]
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "digits")
 TORCHVISION_CLASSES: dict[str, type[tv_datasets.MNIST]] = {
     "mnist": tv_datasets.MNIST,

@@ -21,8 +21,10 @@ images, never exactly 0).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -443,3 +445,106 @@ def detection_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, floa
         metrics.setdefault(str(row["model"]), {})[str(row["set"])] = {c: float(row[c]) for c in cols}
     return metrics
 
+
+def headline_cells(table: pd.DataFrame, metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """The tracking run's headline: AUROC, TPR at the target FPR and realized FPR per model and set
+    (``<model>/<set>/<metric>``), for cells with positives."""
+    tpr = next(c for c in table.columns if c.startswith("tpr_at_"))
+    logged = {"auroc": "auroc", tpr: "tpr_at_fpr", "fpr": "fpr"}
+    return {f"{m}/{s}/{v}": c[k] for m, sets in metrics.items() for s, c in sets.items()
+            for k, v in logged.items() if c["n_pos"] > 0}  # fmt: skip
+
+
+def write_roc_points(scores: pd.DataFrame, folder: Path) -> None:
+    """``folder/<model>.csv``: each model's ROC points (``dvc plots``' ``roc`` template)."""
+    folder.mkdir()
+    for model, points in roc_points(scores).items():
+        points.to_csv(folder / f"{model}.csv", index=False)
+
+
+# ------------------------------------------------------------------- verdicts on new images (the CLI)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    file: str
+    model: str
+    bpd: float
+    bpd_se: float
+    pvalue: float
+    threshold: float
+    fpr: float
+    verdict: str  # adversarial | clean
+
+
+def verdicts(
+    files: Sequence[str],
+    bpd: np.ndarray,
+    se: np.ndarray,
+    model: str,
+    train_ref: np.ndarray,
+    calib: np.ndarray,
+    fpr: float,
+) -> list[Verdict]:
+    """P-values against ``train_ref`` and verdicts at the ``fpr`` threshold on ``calib`` (flag: bpd > t)."""
+    threshold = threshold_at_fpr(calib, fpr)
+    p = pvalues(bpd, train_ref)
+    return [
+        Verdict(
+            f,
+            model,
+            float(b),
+            float(s),
+            float(q),
+            threshold,
+            fpr,
+            "adversarial" if b > threshold else "clean",
+        )
+        for f, b, s, q in zip(files, bpd, se, p)
+    ]
+
+
+def verdict_table(rows: Sequence[Verdict]) -> str:
+    """The verdicts as an aligned text table (file, bpd, ±se, p-value, threshold, verdict)."""
+    table = pd.DataFrame([dataclasses.asdict(r) for r in rows])
+    table = table[["file", "bpd", "bpd_se", "pvalue", "threshold", "verdict"]]
+    table.columns = pd.Index(["file", "bpd", "±se", "p-value", "threshold", "verdict"])
+    return table.to_string(index=False, float_format="{:.4f}".format, justify="left")
+
+
+# ------------------------------------------------------------------ detection.json read back (the CLI)
+
+
+def auroc_pivot(
+    detection: Mapping[str, Mapping[str, Mapping[str, float]]],
+    model_order: Sequence[str] = (),
+    set_order: Sequence[str] = (),
+) -> pd.DataFrame:
+    """AUROC of ``detection.json`` (model → set → metrics): one row per model, one column per set, in
+    ``model_order`` / ``set_order`` where given (other names after them, in file order)."""
+    long = pd.DataFrame(
+        [
+            {"model": m, "set": s, "auroc": v.get("auroc", np.nan)}
+            for m, sets in detection.items()
+            for s, v in sets.items()
+        ],
+        columns=["model", "set", "auroc"],
+    )
+
+    def order(preferred: Sequence[str], found: pd.Series) -> list[str]:
+        names = list(dict.fromkeys(found))
+        return [n for n in preferred if n in names] + [n for n in names if n not in preferred]
+
+    table = long.pivot(index="model", columns="set", values="auroc")
+    table = table.reindex(index=order(model_order, long["model"]), columns=order(set_order, long["set"]))
+    table.index.name = table.columns.name = None
+    return table
+
+
+def small_sets(detection: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, int]:
+    """Sets with fewer than MIN_CELL positives under some model (its smallest n), as report.md flags them."""
+    n: dict[str, int] = {}
+    for sets in detection.values():
+        for name, v in sets.items():
+            n[name] = min(n.get(name, 2**31), int(v.get("n_pos", 0)))
+    return {k: v for k, v in n.items() if v < MIN_CELL}

@@ -8,6 +8,8 @@ numbers and takes the same decisions. Without torchrun everything here is a no-o
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,3 +118,15 @@ class Ranks:
         if not self.distributed:
             return module
         return DistributedDataParallel(module, forward_sync_buffers=False, static_graph=True)
+
+
+@contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """:func:`init_distributed` for a ``with`` block: yields (rank, world size) and leaves the process
+    group on the way out (also on errors), so a torchrun worker exits cleanly."""
+    rank, world_size = init_distributed()  # (0, 1) without torchrun
+    try:
+        yield rank, world_size
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()

@@ -40,7 +40,7 @@ import io
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -454,3 +454,66 @@ def headline(metrics: Mapping[str, object]) -> dict[str, dict[str, float]]:
             "mnist_fix": max(fixes, default=float("nan")),
         }
     return out
+
+
+# ------------------------------------------------------------------------------------- the ood stage
+
+
+def stage_sets(
+    test_images: np.ndarray, params: OodParams, dataset: str
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(images by set name, where each came from): the in-distribution set (``num_images`` seeded clean
+    test images of ``dataset``) first, then every set of ``params.sets``."""
+    in_dist = in_distribution(test_images, params.num_images, params.seed)
+    built = build_sets(params.sets, in_dist, params.seed, params.mnist_root)
+    sets = {IN_DISTRIBUTION: in_dist} | {name: s.images for name, s in built.items()}
+    sources = {IN_DISTRIBUTION: f"{dataset} test split"} | {n: s.source for n, s in built.items()}
+    return sets, sources
+
+
+def stage_metrics(
+    table: pd.DataFrame,
+    sets: Mapping[str, np.ndarray],
+    sources: Mapping[str, str],
+    detectors: Sequence[str],
+    params: OodParams,
+    backgrounds: Mapping[str, str],
+) -> dict[str, Any]:
+    """data/metrics/ood.json (without the wall time): AUROCs, mean BPD per set, each set's provenance."""
+    bpd = table[table["score"] == "bpd"].groupby(["model", "set"], sort=False)["value"].mean()
+    return {
+        "auroc": auroc_table(table),
+        "bpd_mean": {m: {s: float(bpd[m, s]) for s in sets} for m in detectors},
+        "sets": {s: {"n": len(x), "sha256": sha256_of(x), "source": sources[s]} for s, x in sets.items()},
+        "complexity": params.complexity,
+        "skipped_backgrounds": {m: b for m, b in params.background.items() if m not in backgrounds},
+    }
+
+
+def auroc_cells(aurocs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """:func:`auroc_table` flattened to ``<model>/<set>/<score>_auroc`` metric names."""
+    return {f"{m}/{s}/{score}_auroc": v for m, by_set in aurocs.items() for s, by_score in by_set.items()
+            for score, v in by_score.items()}  # fmt: skip
+
+
+def mnist_aurocs(aurocs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """The MNIST column of :func:`auroc_table` (the stage's one-line summary), rounded to 3 digits."""
+    return {m: {k: round(v, 3) for k, v in s["mnist"].items()} for m, s in aurocs.items() if "mnist" in s}
+
+
+def stage_models(
+    params: OodParams,
+    train: TrainSection,
+    models: dict[str, ModelEntry],
+    folder: Path,
+    mode: Literal["static", "dynamic"],
+) -> tuple[dict[str, tuple[ARModel, Binarization]], list[str], dict[str, str]]:
+    """(every model to load, the detectors, detector → background): checkpoints under ``folder``; a
+    missing one fails before any work, naming it."""
+    from ardetect.models import trained_model_paths
+    from ardetect.scoring import load_scorers
+
+    detectors = detector_models(train, models)
+    backgrounds = likelihood_ratio_pairs(params, train, models)
+    paths = trained_model_paths(folder, [*detectors, *backgrounds.values()])
+    return load_scorers(paths, mode), detectors, backgrounds

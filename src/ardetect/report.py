@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.stats import gaussian_kde
 
+from ardetect import layout
 from ardetect.attacksets import CONTROLS, AttackSet, format_epsilon
 from ardetect.detection import (
     MIN_CELL,
@@ -32,6 +33,7 @@ from ardetect.detection import (
     threshold_at_fpr,
     with_pvalues,
 )
+from ardetect.io import write_json
 
 
 def _grid(n: int, ncols: int, size: float = 3.6) -> tuple[Figure, list[Axes]]:
@@ -433,3 +435,29 @@ def publish_report(
         sections=sections,
         notes=notes,
     )
+
+
+# Other stages' figures that report.md shows (caption → file), next to the detect stage's.
+STAGE_FIGURES = {
+    "Adaptive PGD strength sweep: BPD of the iterate per step": layout.ADAPTIVE / "sweep.png",
+    "Out-of-distribution sets: BPD histograms per model": layout.OOD / "ood_bpd.png",
+}
+
+
+def write_headline(folder: Path, headline: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``folder/<model>.json`` per density model (``dvc metrics show``: one row each); returns the same
+    numbers flat as ``<model>/<key>`` for the tracking run."""
+    folder.mkdir()
+    for model, row in headline.items():
+        write_json(folder / f"{model}.json", row)
+    return {f"{m}/{k}": v for m, r in headline.items() for k, v in r.items()}
+
+
+def adaptive_cells(adaptive: pd.DataFrame | None) -> dict[str, float]:
+    """The adaptive-vs-oblivious table as ``<model>/<set>/<column>`` cells (empty without adaptive sets)."""
+    if adaptive is None:
+        return {}
+    rows = adaptive.set_index(["model", "set"])[
+        ["classifier_success", "evasion_rate", "joint_success", "auroc"]
+    ]
+    return {f"{m}/{s}/{c}": v for (m, s), r in rows.iterrows() for c, v in r.items()}

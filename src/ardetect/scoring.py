@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -100,12 +102,14 @@ def score_bpd(
     device: torch.device | str = "cpu",
     progress: bool = True,
     threshold: float = 0.5,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BPD of each image and its standard error, two float64 arrays of shape (N,).
 
     ``gray``: uint8 gray levels (N, C, H, W), or floats in [0, 1]; ``binarization`` as in the module
     docstring (``threshold`` is the static binarisation's, as in training). ``config.batch_size`` model
-    rows (images × draws for dynamic) go through the model at once.
+    rows (images × draws for dynamic) go through the model at once. ``rows``: the row number that seeds
+    each image's draws (default ``arange(N)``); all zeros score every image as if it came alone.
     """
     if model.levels == 2 and binarization not in ("static", "dynamic"):
         raise ValueError(
@@ -120,6 +124,9 @@ def score_bpd(
     device = torch.device(device)
     model = model.to(device).eval()
     n, s = len(p_all), config.num_draws
+    row_ids = np.arange(n) if rows is None else np.asarray(rows)
+    if row_ids.shape != (n,):
+        raise ValueError(f"rows must give one row number per image ({n}), got shape {row_ids.shape}")
     mean, se = np.zeros(n), np.zeros(n)
     per_batch = max(1, config.batch_size // s) if binarization == "dynamic" else config.batch_size
     for i in tqdm(range(0, n, per_batch), desc="bpd", leave=False, disable=not progress):
@@ -129,7 +136,10 @@ def score_bpd(
         elif binarization == "static":
             mean[i : i + len(p)] = model.bpd((p > threshold).float().to(device)).double().cpu().numpy()
         else:
-            gens = [torch.Generator().manual_seed(_row_seed(config.seed, i + j)) for j in range(len(p))]
+            gens = [
+                torch.Generator().manual_seed(_row_seed(config.seed, int(row_ids[i + j])))
+                for j in range(len(p))
+            ]
             u = torch.stack(
                 [torch.rand((s, *p.shape[1:]), generator=g) for g in gens], dim=1
             )  # (S, B, C, H, W)
@@ -225,3 +235,103 @@ def clean_test_pools(
         )
     calib = np.sort(np.random.default_rng(seed).choice(pool, num_calib, replace=False)).astype(np.int64)
     return test, calib
+
+
+def binarization_for(model: ARModel, mode: Literal["static", "dynamic"]) -> Binarization:
+    """How ``model`` meets gray images: binary models by the training data's binarisation ``mode``
+    (``binarize.mode``), 8-bit models exactly (None)."""
+    return mode if model.levels == 2 else None
+
+
+def load_scorers(
+    paths: dict[str, Path], mode: Literal["static", "dynamic"]
+) -> dict[str, tuple[ARModel, Binarization]]:
+    """``{name: (model, binarization)}`` for :func:`score_table`, from published checkpoints."""
+    from ardetect.models import load_model
+
+    return {
+        name: (m, binarization_for(m, mode)) for name, m in ((n, load_model(p)) for n, p in paths.items())
+    }
+
+
+def attack_image_sets(files: list[Path]) -> list[ImageSet]:
+    """One ``adversarial`` set per attack-set file (data/attacks, data/adaptive), in ``files`` order."""
+    sets = []
+    for f in files:
+        with np.load(f) as a:
+            eps = float(a["epsilon"])
+            sets.append(
+                ImageSet(
+                    "adversarial",
+                    a["adversarial"],
+                    a["source_index"],
+                    a["label"],
+                    a["prediction"],
+                    str(a["attack"]),
+                    eps if np.isfinite(eps) else None,
+                    a["success"],
+                )
+            )
+    return sets
+
+
+def images_to_score(
+    train: dict[str, np.ndarray],
+    test: dict[str, np.ndarray],
+    predict: Callable[[np.ndarray], np.ndarray],
+    attack_files: list[Path],
+    params: ScoreParams,
+) -> list[ImageSet]:
+    """What the score stage scores: ``train_ref`` (``num_train_ref`` seeded training images), ``calib``
+    and ``test`` (:func:`clean_test_pools`), then every attack set. ``predict`` is the classifier's
+    label for (N, C, H, W) uint8 images (kept out of this module: scoring needs no classifier)."""
+    attacked = (
+        np.unique(np.concatenate([np.load(f)["source_index"] for f in attack_files]))
+        if attack_files
+        else np.zeros(0, np.int64)
+    )
+    rng = np.random.default_rng(params.seed)
+    n_train = len(train["labels"])
+    ref_index = np.sort(rng.choice(n_train, min(params.num_train_ref, n_train), replace=False))
+    correct = predict(test["images"]) == test["labels"]
+    test_index, calib_index = clean_test_pools(
+        correct, attacked, params.num_test, params.num_calib, params.seed
+    )
+
+    def clean(source: str, split: dict[str, np.ndarray], index: np.ndarray) -> ImageSet:
+        images = split["images"][index]  # (N, C, H, W)
+        return ImageSet(source, images, index, split["labels"][index], predict(images))
+
+    clean_sets = [
+        clean("train_ref", train, ref_index),
+        clean("calib", test, calib_index),
+        clean("test", test, test_index),
+    ]
+    return clean_sets + attack_image_sets(attack_files)
+
+
+def score_metrics(table: pd.DataFrame, speed: dict[str, float]) -> dict[str, dict[str, float]]:
+    """data/metrics/score.json: per model, scoring speed, clean test BPD and the largest Monte-Carlo error."""
+    return {
+        name: {
+            "images_per_second": speed[name],
+            "test_bpd_mean": float(table.query("model == @name and source == 'test'")["bpd"].mean()),
+            "max_bpd_se": float(table.query("model == @name")["bpd_se"].max()),
+        }
+        for name in speed
+    }
+
+
+def score_alone(
+    model: ARModel,
+    images: np.ndarray,
+    mode: Literal["static", "dynamic"],
+    threshold: float,
+    config: ScoreConfig,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """BPD and standard error of (N, H, W) uint8 images, each scored as if it came alone (dynamic draws
+    seeded with ``(config.seed, 0)``), so a score never depends on the other images; in batches."""
+    x = images[:, None]  # (N, 1, H, W)
+    rows = np.zeros(len(x), np.int64)
+    return score_bpd(model, x, binarization_for(model, mode), config, device, False, threshold, rows=rows)

@@ -318,11 +318,6 @@ class StageRun:
 
         mlflow.log_artifact(str(path), artifact_path)
 
-    def log_figure(self, figure: Any, name: str) -> None:
-        import mlflow
-
-        mlflow.log_figure(figure, name)
-
     def log_torch_model(self, model: Any, name: str | None = None) -> None:
         """Log ``model`` as MLflow model ``name`` (default: ``made`` for stage ``train@made``, else the
         stage's name) with a signature and an input example: two seeded images, as integer levels for a

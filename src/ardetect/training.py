@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import pandas as pd
 import torch
 from pydantic import (
     Field,
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ardetect.configs import Device, as_plain, config_dataclass, error_lines
+from ardetect.data import BinarizeParams, TrainingData, mutation_resampler, training_data
 from ardetect.distributed import Ranks
 from ardetect.loop import EpochStats, Plan, Task, TrainState, train_epochs
 from ardetect.loop import NonFiniteLossError as NonFiniteLossError  # raised by fit; stages catch it here
@@ -49,9 +51,11 @@ from ardetect.models import (
     REGISTRY,
     ARModel,
     atomic_torch_save,
+    build_model,
     checkpoint_dict,
     load_checkpoint,
     model_class,
+    save_model,
 )
 
 
@@ -481,3 +485,132 @@ def _holds_epoch(path: Path, epoch: int, val_nll: float) -> bool:
     except Exception:
         return False
     return (ckpt.get("epoch"), ckpt.get("val_nll")) == (epoch, val_nll)
+
+
+# ------------------------------------------------------------------ one model of params.yaml, end to end
+
+
+def model_entry(models: dict[str, ModelEntry], name: str) -> ModelEntry:
+    """``models.<name>`` of params.yaml, or a ParamsError naming the defined models."""
+    from ardetect.configs import ParamsError
+
+    if name not in models:
+        raise ParamsError(f"no model {name!r} under models in params.yaml (defined: {', '.join(models)})")
+    return models[name]
+
+
+@dataclass(frozen=True)
+class DensityTraining:
+    """One density model's seeded run as the train stage does it: data, initial weights, fit, evaluation."""
+
+    name: str
+    entry: ModelEntry
+    params: TrainParams
+    model: ARModel
+    data: TrainingData
+    train: Tensor | Callable[[int], Tensor]  # a background model (Ren et al.) sees fresh mutations per epoch
+    device: torch.device
+
+    @classmethod
+    def prepare(
+        cls,
+        name: str,
+        train: TrainSection,
+        models: dict[str, ModelEntry],
+        binarize: BinarizeParams,
+        folder: Path,
+    ) -> DensityTraining:
+        """``models.<name>`` (``train.defaults`` under its overrides) on the splits in ``folder``."""
+        from ardetect.devices import resolve_device
+
+        entry = model_entry(models, name)
+        params = model_train_params(train.defaults, entry)
+        device = resolve_device(params.device, f"models.{name}.train.device (or train.defaults.device)")
+        b = binarize
+        data = training_data(folder, entry.levels, b.mode, b.resample_train, b.seed + params.seed, device)
+        train_set = (
+            mutation_resampler(data.train, entry.mutation_rate, entry.levels, params.seed)
+            if entry.is_background
+            else data.train
+        )
+        torch.manual_seed(params.seed)  # model initialisation is part of the seeded run
+        model = build_model(entry.arch, data.image_shape, levels=entry.levels, **entry.hparams)
+        return cls(name, entry, params, model, data, train_set, device)
+
+    def logged_params(self, binarize: BinarizeParams, world_size: int) -> dict[str, Any]:
+        return {
+            "model": dataclasses.asdict(self.entry),
+            "train": dataclasses.asdict(self.params),
+            "binarize": dataclasses.asdict(binarize),
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            "world_size": world_size,
+        }
+
+    def fit(self, checkpoints: Path, log: Callable[..., None] | None = None) -> FitResult:
+        """:func:`fit` with ``checkpoints/best.pt`` and the resume file ``checkpoints/last.pt``; ``log(record,
+        step=epoch)`` gets every epoch's record, a resumed run's earlier epochs included."""
+
+        def resumed(history: list[dict[str, float]]) -> None:
+            print(
+                f"{self.name}: resuming from {checkpoints / 'last.pt'} after epoch {len(history)}", flush=True
+            )
+            for r in history:  # the tracking run is new: give it the whole learning curve
+                if log is not None:
+                    log(r, step=int(r["epoch"]))
+
+        return fit(
+            self.model,
+            self.train,
+            self.data.val,
+            self.params,
+            checkpoint_path=checkpoints / "best.pt",
+            device=self.device,
+            on_epoch=(lambda r: log(r, step=int(r["epoch"]))) if log is not None else None,
+            checkpoint_extra={"name": self.name},
+            resume_path=checkpoints / "last.pt",
+            on_resume=resumed,
+        )
+
+    def metrics(self, result: FitResult) -> dict[str, float]:
+        """Test NLL/BPD of the best weights, with the fit's summary (data/metrics/train/<name>.json)."""
+        test_nll = (
+            evaluate_nll(self.model, self.data.test, self.params.eval_batch_size, self.device).mean().item()
+        )
+        return {
+            "test_nll": test_nll,
+            "test_bpd": nats_to_bpd(test_nll, self.model.num_dims),
+            "best_val_nll": result.best_val_nll,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "train_seconds": result.seconds,
+            "train_images_per_second": result.train_images_per_second,
+        }
+
+    def publish(self, result: FitResult, model_dir: Path, history_csv: Path) -> dict[str, float]:
+        """Write ``model_dir`` (model.pt with :meth:`metrics`, samples.png: a seeded sample grid) and the
+        learning curve; return the metrics."""
+        from torchvision.utils import save_image
+
+        metrics = self.metrics(result)
+        gen = torch.Generator(device=self.device).manual_seed(self.params.seed)
+        samples = self.model.sample(self.params.num_samples, gen)  # (S, C, H, W) levels
+        model_dir.mkdir()
+        save_model(self.model, model_dir / "model.pt", name=self.name, metrics=metrics)
+        save_image(
+            samples.float().cpu() / (self.model.levels - 1), model_dir / "samples.png", nrow=8, padding=1
+        )
+        pd.DataFrame(result.history).to_csv(history_csv, index=False)
+        return metrics
+
+    @staticmethod
+    def forget_resume(checkpoints: Path) -> None:
+        """Call once the outputs are published: a rerun must train afresh (`dvc repro -f`), not return this
+        run's result. Until then a finished last.pt lets a stage killed after training skip to publishing."""
+        (checkpoints / "last.pt").unlink(missing_ok=True)
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        return (
+            f"{self.name}: test NLL {metrics['test_nll']:.2f} nats, {metrics['test_bpd']:.4f} bpd "
+            f"(best epoch {metrics['best_epoch']}, {metrics['train_images_per_second']:.0f} img/s)"
+        )

@@ -26,12 +26,6 @@ REGISTRY: dict[str, type[ARModel]] = {
 }
 
 
-def register(cls: type[ARModel]) -> type[ARModel]:
-    """Add a model class to the registry under ``cls.name`` (usable as a decorator)."""
-    REGISTRY[cls.name] = cls
-    return cls
-
-
 def model_class(name: str) -> type[ARModel]:
     try:
         return REGISTRY[name]
@@ -127,7 +121,6 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "model_from_checkpoint",
-    "register",
     "save_model",
     "trained_model_paths",
 ]

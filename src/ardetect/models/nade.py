@@ -34,49 +34,52 @@ class NADE(ARModel):
         self.c = nn.Parameter(torch.zeros(h))
         self.V = nn.Parameter(torch.randn(d, h) / h**0.5)  # hidden -> logit of pixel i
         self.b = nn.Parameter(torch.zeros(d))
-        # Pixels are processed in blocks of K ~ sqrt(D): the shared running sum over earlier pixels is a
-        # cumulative sum over blocks plus a small masked matmul inside each block. Same O(D*H) result
-        # as the textbook recursion, without a (B, D, H) cumsum (slow, and memory-bound on CPU).
+        # Pixels are processed in blocks: the shared running sum over earlier pixels is a sum over earlier
+        # blocks plus a small masked matmul inside each block. Same O(D*H) result as the textbook
+        # recursion, without a (B, D, H) cumsum (slow, and memory-bound on CPU). The mask is a buffer
+        # (in checkpoints) of side ~sqrt(D); forward uses its top-left kernel_block corner.
         self.block = max(1, math.isqrt(d - 1) + 1) if d > 1 else 1
         self.register_buffer("strict_lower", torch.tril(torch.ones(self.block, self.block), diagonal=-1))
 
-    #: pixels per block of the kernel (at most ``block``): the within-block matmul costs ~2*K FLOPs per
-    #: hidden activation and the block prefixes ~D/K; 14 was fastest for 28x28, H = 128 on a 2-core CPU.
+    #: pixels per block in ``forward`` (at most ``block``): the masked matmul inside a block costs ~2K FLOPs
+    #: per hidden activation; 14 was fastest for 28x28 images and H = 128 on a 2-core CPU.
     kernel_block = 14
-    #: images per chunk: one chunk's (D, H) activations (~1.6 MB for 4 images of 28x28, H = 128) stay in
-    #: the L2 cache from the matmul that makes them through tanh to the contraction with V.
-    chunk_images = 4
-    chunks_per_step = 2
+    #: images per chunk: a chunk's (D, H) activations (6.4 MB for 16 images of 28x28, H = 128) go from
+    #: the matmul that makes them through tanh to the contraction with V while still in cache.
+    chunk_images = 16
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits of all D conditionals in one pass, the (B, D, H) activations made a chunk at a time.
+        """Logits of all D conditionals in one pass; the (B, D, H) activations never exist in full.
 
-        ``sigmoid(a) = (1 + tanh(a / 2)) / 2``, so the logit ``b + V . sigmoid(a)`` is computed as
-        ``b + sum(V) / 2 + (V / 2) . tanh(a / 2)`` with ``a / 2`` from ``W / 2`` and ``c / 2``: tanh is
-        cheaper than sigmoid on the CPU and this folds the affine parts into the small weights.
+        ``sigmoid(a) = (1 + tanh(a / 2)) / 2``, so ``b + V . sigmoid(a)`` is computed as
+        ``b + sum(V) / 2 + (V / 2) . tanh(a / 2)``, with ``a / 2`` from ``c / 2`` and ``W / 2``: tanh is
+        cheaper than sigmoid on the CPU and the halving costs nothing on the (D, H) weights.
         """
         v = self.scale_input(x).flatten(1)  # (B, D)
         n, d = v.shape
-        k, bc = min(self.kernel_block, self.block), self.chunk_images
-        nb, nc = -(-d // k), -(-n // bc)
-        h = self.c.shape[0]
+        k, bc, h = min(self.kernel_block, self.block), self.chunk_images, self.c.shape[0]
+        nb, nc = -(-d // k), -(-n // bc)  # pixel blocks, image chunks
         w = F.pad(self.W * 0.5, (0, 0, 0, nb * k - d)).view(nb, k, h)  # (nb, K, H)
         vt = F.pad(self.V * 0.5, (0, 0, 0, nb * k - d)).view(nb, k, h).transpose(1, 2)  # (nb, H, K)
-        vb = F.pad(v, (0, nb * k - d, 0, nc * bc - n)).view(nc, bc, nb, k).transpose(1, 2)  # (nc, nb, bc, K)
-        vb = vb.contiguous()
-        # Each block's start, a / 2 at its first pixel: c / 2 plus every earlier block's contribution.
-        totals = torch.matmul(vb, w)  # (nc, nb, bc, H)
+        vb = F.pad(v, (0, nb * k - d, 0, nc * bc - n)).view(nc, bc, nb, k).transpose(1, 2)
+        vb = vb.contiguous()  # (nc, nb, bc, K)
+        # a / 2 at each block's first pixel: c / 2 plus the whole contribution of every earlier block
         earlier = torch.ones(nb, nb, dtype=w.dtype, device=w.device).tril(-1)  # (nb, nb)
-        starts = torch.matmul(earlier, totals.view(nc, nb, bc * h)).view(nc, nb, bc, h) + self.c * 0.5
-        # Within a block, pixel k adds the earlier pixels j < k: rows (k, image) of a masked matmul.
+        totals = torch.matmul(vb, w).view(nc, nb, bc * h)  # (nc, nb, bc*H)
+        starts = torch.matmul(earlier, totals).view(nc, nb, 1, bc, h) + self.c * 0.5  # (nc, nb, 1, bc, H)
+        # inside a block, pixel k adds pixels j < k: one masked matmul with rows (k, image) per block
         lower = self.strict_lower[:k, :k].reshape(k, 1, k)
-        within = (vb.unsqueeze(2) * lower).view(nc, nb, k * bc, k)  # (nc, nb, K*bc, K)
+        within = (vb.unsqueeze(2) * lower).reshape(nc, nb * k * bc, k)  # (nc, nb*K*bc, K)
+        # One chunk per thread and step: bmm and tanh split the batch of blocks evenly across threads,
+        # so each thread's chunk stays in its core's cache; the GPU takes every chunk in one step.
+        g = torch.get_num_threads() if v.device.type == "cpu" else nc
+        ws, vts = w.repeat(g, 1, 1), vt.repeat(g, 1, 1)  # (g*nb, K, H), (g*nb, H, K)
         out = []
-        g = self.chunks_per_step
         for i in range(0, nc, g):
-            a = starts[i : i + g].unsqueeze(2).expand(-1, nb, k, bc, h).reshape(-1, k * bc, h)  # (g*nb, K*bc, H)
-            act = a.baddbmm_(within[i : i + g].reshape(-1, k * bc, k), w.repeat(min(g, nc - i), 1, 1)).tanh_()
-            dots = torch.bmm(act, vt.repeat(min(g, nc - i), 1, 1)).view(-1, nb, k, bc, k)
-            out.append(dots.diagonal(dim1=2, dim2=4))  # (g, nb, bc, K): each pixel against its own V
+            m = min(g, nc - i) * nb  # blocks in this step
+            a = starts[i : i + g].expand(-1, -1, k, -1, -1).reshape(m, k * bc, h)  # (m, K*bc, H)
+            act = a.baddbmm_(within[i : i + g].reshape(m, k * bc, k), ws[:m]).tanh_()  # (m, K*bc, H)
+            dots = torch.bmm(act, vts[:m]).view(-1, nb, k, bc, k)  # (g, nb, K, bc, K): rows x all V
+            out.append(dots.diagonal(dim1=2, dim2=4))  # (g, nb, bc, K): each pixel x its own V
         logits = torch.cat(out).transpose(1, 2).reshape(nc * bc, nb * k)[:n, :d]  # (B, D)
         return (logits + self.b + 0.5 * self.V.sum(1)).view(x.shape)  # (B, C, H, W)

@@ -1,0 +1,131 @@
+"""The fast NADE and PixelCNN kernels compute the same function as the plain textbook formulations.
+
+The references below are written independently of the models' code: NADE's recursion as an explicit
+running sum over pixels with a sigmoid, PixelCNN as dense ``weight * mask`` convolutions in NCHW. Both
+are fed the model's own parameters (random, biases non-zero), so any difference is the kernel's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ardetect.models import build_model
+from ardetect.models.nade import NADE
+from ardetect.models.pixelcnn import PixelCNN, ResidualBlock
+
+
+def nade_reference(model: NADE, x: Tensor) -> Tensor:
+    """Larochelle & Murray's recursion: a_i = c + sum_{j<i} v_j W_j, logit_i = b_i + V_i . sigmoid(a_i)."""
+    v = model.scale_input(x).flatten(1).double()  # (B, D)
+    W, V, c, b = (p.double() for p in (model.W, model.V, model.c, model.b))
+    a = c + torch.cumsum(v.unsqueeze(2) * W, 1) - v.unsqueeze(2) * W  # (B, D, H): exclusive running sum
+    return ((torch.sigmoid(a) * V).sum(2) + b).view(x.shape)  # (B, C, H, W)
+
+
+def masked_conv_reference(x: Tensor, weight: Tensor, bias: Tensor, mask_type: str) -> Tensor:
+    k = weight.shape[-1]
+    mask = torch.zeros(k, k, dtype=x.dtype)
+    mask[: k // 2] = 1
+    mask[k // 2, : k // 2 + (mask_type == "B")] = 1
+    return F.conv2d(x, weight * mask, bias, padding=k // 2)
+
+
+def pixelcnn_reference(model: PixelCNN, x: Tensor) -> Tensor:
+    """The dense masked PixelCNN in NCHW, float64, from the model's parameters."""
+    p = {k: v.double().contiguous() for k, v in model.named_parameters()}
+    x = model.scale_input(x).double()  # (B, 1, H, W)
+    h = masked_conv_reference(x, p["input_conv.weight"], p["input_conv.bias"], "A")
+    for i, block in enumerate(model.blocks):
+        assert isinstance(block, ResidualBlock)
+        pre = f"blocks.{i}."
+        out = F.conv2d(F.relu(h), p[pre + "down.weight"], p[pre + "down.bias"])
+        out = masked_conv_reference(F.relu(out), p[pre + "conv.weight"], p[pre + "conv.bias"], "B")
+        h = h + F.conv2d(F.relu(out), p[pre + "up.weight"], p[pre + "up.bias"])
+    h = F.conv2d(F.relu(h), p["head.1.weight"], p["head.1.bias"])
+    out = F.conv2d(F.relu(h), p["head.3.weight"], p["head.3.bias"])
+    return out if model.levels == 2 else out.unsqueeze(2)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random (biases too, and the masked-out weights, which must stay unused)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "hidden", "batch"),
+    [((1, 28, 28), 32, 37), ((1, 5, 7), 8, 3), ((1, 1, 2), 4, 1), ((3, 4, 4), 16, 20)],
+)
+def test_nade_matches_the_recursion(shape: tuple[int, int, int], hidden: int, batch: int) -> None:
+    """Odd sizes on purpose: D not a multiple of the block, a batch not a multiple of the image chunk."""
+    torch.manual_seed(0)
+    model = build_model("nade", shape, hidden=hidden)
+    assert isinstance(model, NADE)
+    randomize(model, 1)
+    x = torch.randint(0, 2, (batch, *shape)).float()
+    ref = nade_reference(model, x)
+    with torch.inference_mode():
+        assert torch.allclose(model(x).double(), ref, atol=1e-5, rtol=1e-5)
+    # continuous inputs (gradient tests and attacks feed them) and the gradients of every parameter
+    xc = torch.rand(batch, *shape)
+    model(xc).sum().backward()
+    fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    nade_reference(model, xc).sum().backward()
+    for k, p in model.named_parameters():
+        assert p.grad is not None
+        assert torch.allclose(fast[k].double(), p.grad.double(), atol=1e-4, rtol=1e-4), k
+
+
+def test_nade_kernel_settings_do_not_change_the_function() -> None:
+    """Block and chunk sizes are speed knobs only (one pixel per block, one image per chunk included)."""
+    torch.manual_seed(0)
+    model = build_model("nade", (1, 6, 6), hidden=8)
+    assert isinstance(model, NADE)
+    randomize(model, 2)
+    x = torch.randint(0, 2, (9, 1, 6, 6)).float()
+    ref = nade_reference(model, x)
+    for block, chunk in [(1, 1), (2, 3), (6, 16), (100, 2)]:
+        model.kernel_block, model.chunk_images = block, chunk
+        assert torch.allclose(model(x).double(), ref, atol=1e-5), (block, chunk)
+
+
+@pytest.mark.parametrize("levels", [2, 256])
+def test_pixelcnn_matches_dense_masked_convolutions(levels: int) -> None:
+    torch.manual_seed(0)
+    model = build_model("pixelcnn", (1, 9, 8), levels=levels, channels=8, blocks=2, head_channels=8)
+    assert isinstance(model, PixelCNN)
+    randomize(model, 3)
+    x = torch.randint(0, levels, (5, 1, 9, 8)).float()
+    out = model(x)
+    ref = pixelcnn_reference(model, x)
+    assert out.shape == ref.shape
+    assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4)
+    # the likelihood and its gradients agree too (the layout of the logits feeds cross-entropy)
+    model.log_prob(x).sum().backward()
+    fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.log_prob_from_logits(pixelcnn_reference(model, x), x).sum().backward()
+    for k, p in model.named_parameters():
+        assert p.grad is not None
+        assert torch.allclose(fast[k].double(), p.grad.double(), atol=1e-3, rtol=1e-4), k
+
+
+def test_pixelcnn_checkpoints_load_into_either_memory_format() -> None:
+    """Channels-last weights are a layout, not new values: an NCHW state_dict (older checkpoints) loads
+    and gives the same outputs, and the seeded initialisation is the plain nn.Conv2d one."""
+    torch.manual_seed(0)
+    model = build_model("pixelcnn", (1, 6, 6), channels=4, blocks=1, head_channels=4)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 4, 7, padding=3)  # the first module built: same RNG draws
+    assert torch.equal(model.state_dict()["input_conv.weight"], conv.weight)
+    nchw = {k: v.contiguous() for k, v in model.state_dict().items()}
+    fresh = build_model("pixelcnn", (1, 6, 6), channels=4, blocks=1, head_channels=4)
+    fresh.load_state_dict(nchw)
+    x = torch.randint(0, 2, (3, 1, 6, 6)).float()
+    assert torch.equal(fresh(x), model(x))
