@@ -97,3 +97,18 @@ def test_offline_outputs_need_no_network(toy_repo: Path, monkeypatch: pytest.Mon
     assert files[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = plots.render_html(out, dvc=DVC).read_text()
     assert "vegaEmbed(" in page and "cdn.jsdelivr" not in page and "<script src=" not in page
+
+
+def test_cli_plots(toy_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("vl_convert")
+    from ardetect import cli
+
+    monkeypatch.chdir(tmp_path)  # the command changes into --root itself
+    out = tmp_path / "rendered"
+    assert cli.main(["plots", "--root", str(toy_repo), "--out", str(out), "data/plots/roc"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"index.html", "data_plots_roc_toy.csv.svg"}
+    (tmp_path / "empty").mkdir()
+    empty = _repo(tmp_path / "empty", pd.DataFrame(columns=["fpr", "tpr", "curve", "point"]))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plots", "--root", str(empty), "--out", str(tmp_path / "x"), "data/plots/nope"]) == 1
+    assert "dvc repro" in capsys.readouterr().err

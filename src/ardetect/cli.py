@@ -1,5 +1,5 @@
-"""The ``ardetect`` command: score images with a trained model, show the latest detection report, and
-compress/decompress gray images with an 8-bit model.
+"""The ``ardetect`` command: score images with a trained model, show the latest detection report,
+compress/decompress gray images with an 8-bit model, and render the pipeline's plots offline.
 
 ``ardetect score IMAGE...`` gives each image's bits per dimension (BPD) under a trained density model,
 its PixelDefend p-value against the model's ``train_ref`` rows of the score table and a verdict at the
@@ -25,22 +25,22 @@ import numpy as np
 
 from ardetect import layout
 from ardetect.images import ImageError, check_size, load_image
-
-if TYPE_CHECKING:
-    from ardetect.models.base import ARModel
-    from ardetect.params import Params
-
 from ardetect.layout import CLASSIFIER_METRICS, DETECTION_METRICS, SCORES
 from ardetect.project import (
     CliError,
     InputError,
     NotBuiltError,
     coding_model,
+    fpr_arg,
     load_project_params,
     reference_scores,
     report_summary,
     resolve_model,
 )
+
+if TYPE_CHECKING:
+    from ardetect.models.base import ARModel
+    from ardetect.params import Params
 
 __all__ = ["CLASSIFIER_METRICS", "DETECTION_METRICS", "SCORES", "NotBuiltError", "check_size", "main"]
 
@@ -162,14 +162,19 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fpr(text: str) -> float:
+def cmd_plots(args: argparse.Namespace) -> int:
+    """Render `dvc plots` offline (vl-convert): OUT/index.html with Vega inline, an SVG and PNG per plot."""
+    from ardetect import plots
+
+    out, dvc = Path(args.out).resolve(), str(Path(sys.executable).with_name("dvc"))
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
-    return value
+        os.chdir(args.root)
+        files = plots.render_static(plots.plot_specs(args.targets, dvc), out)
+        page = plots.render_html(out, args.targets, dvc)
+    except plots.PlotsError as err:
+        raise NotBuiltError(str(err)) from None
+    print(f"{page} and {len(files)} SVG/PNG files in {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd[name].set_defaults(func=func)
     cmd["score"].add_argument("images", nargs="+", metavar="IMAGE", help=IMAGE_HELP)
     cmd["score"].add_argument("--model", help=SCORE_MODEL_HELP)
-    cmd["score"].add_argument("--fpr", type=_fpr, default=0.05, help=FPR_HELP)
+    cmd["score"].add_argument("--fpr", type=fpr_arg, default=0.05, help=FPR_HELP)
     cmd["score"].add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     cmd["report"].add_argument("--json", action="store_true", help="print JSON instead of text")
     cmd["compress"].add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
@@ -198,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd["decompress"].add_argument("input", metavar="IN", help="compressed file")
     cmd["decompress"].add_argument("out", metavar="OUT.png", help="PNG to write")
     cmd["decompress"].add_argument("--model", help="8-bit model name (default: the model named in the file)")
+    cmd["plots"].add_argument("targets", nargs="*", help="plot files or folders (default: every plot)")
+    cmd["plots"].add_argument("--out", default="dvc_plots", help="output folder (default: dvc_plots)")
     return parser
 
 
@@ -206,6 +213,7 @@ COMMANDS = {
     cmd_report: "where the latest report is, and its AUROC table",
     cmd_compress: "compress a gray image losslessly with an 8-bit model",
     cmd_decompress: "decompress a file written by `ardetect compress` to a PNG",
+    cmd_plots: "render the pipeline's `dvc plots` offline (HTML, SVG, PNG)",
 }
 IMAGE_HELP = "gray image of the model's size: PNG (8-bit grayscale) or .npy (uint8, or floats in [0, 1])"
 SCORE_MODEL_HELP = (

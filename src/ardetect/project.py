@@ -148,3 +148,16 @@ def coding_model(params: Params, root: Path, name: str | None = None) -> str:
         return min(candidates, key=lambda n: float(bpd[n]["test_bpd_mean"]))
     except (OSError, ValueError, KeyError, TypeError):
         return candidates[0]
+
+
+def fpr_arg(text: str) -> float:
+    """argparse type of ``--fpr``: a rate in (0, 1)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
