@@ -89,6 +89,14 @@ def test_cnn_on_28x28_scores_each_image_on_its_own() -> None:
     assert not torch.allclose(batch[0], batch[1])
 
 
+def test_predict_on_no_images() -> None:
+    """An attack set whose every image failed is empty: predicting on it gives no labels, not an error."""
+    model = SmallCNN((1, 28, 28), ClassifierConfig()).eval()
+    labels = predict(model, np.zeros((0, 1, 28, 28), np.uint8))
+    assert labels.shape == (0,) and labels.dtype == np.int64
+    assert accuracy(model, np.zeros((3, 1, 28, 28), np.uint8), np.zeros(3, np.int64)) in (0.0, 1.0)
+
+
 def test_early_stopping_keeps_best_epoch(digits: dict[str, np.ndarray]) -> None:
     """With a learning rate too small to move the weights, val accuracy never improves after epoch 1."""
     seen: list[dict[str, float]] = []

@@ -135,8 +135,8 @@ def logits_of(model: nn.Module, images: ArrayLike, batch_size: int = 512) -> Ten
     x = unit_images(images)
     device = model_device(model)
     model.eval()
-    out = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, 0)
+    starts = range(0, len(x), batch_size) if len(x) else [0]  # no images: one empty batch, (0, classes)
+    return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in starts])
 
 
 def predict(model: nn.Module, images: ArrayLike, batch_size: int = 512) -> np.ndarray:
