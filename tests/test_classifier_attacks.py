@@ -161,12 +161,12 @@ def test_one_result_per_attack_and_epsilon(
         ("fgsm", 0.3),
         ("pgd", 0.1),
         ("pgd", 0.3),
-        ("noise", 0.1),
-        ("noise", 0.3),
         ("deepfool", None),
         ("cw", None),
         ("cw_conf", None),
-    ]
+        ("noise", 0.1),
+        ("noise", 0.3),
+    ]  # the order of AttackConfig.attacks (params.yaml's)
     assert {r.attack for r in results} == set(ATTACKS)
 
 

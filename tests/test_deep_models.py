@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from toys import TINY, random_levels, randomize, stripes, tiny_model
+from toys import TINY, dependence, random_levels, randomize, stripes, tiny_model
 
 from ardetect.models import ARModel, build_model
 from ardetect.models.gated_pixelcnn import min_layers
@@ -23,16 +23,6 @@ SEQUENCE_MODELS = ["rnn", "transformer"]  # cached samplers
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _dependence(model: ARModel, x: torch.Tensor, pos: int) -> torch.Tensor:
-    """Which inputs (flat index) the logits at flat position ``pos`` have a nonzero gradient for."""
-    x = x.clone().requires_grad_(True)
-    logits = model(x)
-    out = logits.flatten(1)[:, pos] if model.levels == 2 else logits.flatten(2)[:, :, pos]  # (B,) | (B, L)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(pos))  # no lucky cancellation
-    (grad,) = torch.autograd.grad((out * weight).sum(), x)
-    return grad.abs().sum(0).flatten() > 0  # (D,)
 
 
 @pytest.mark.parametrize("name", ["pixelcnn", "gated_pixelcnn"])
@@ -64,16 +54,16 @@ def test_long_and_float_inputs_agree(name: str) -> None:
         torch.testing.assert_close(model(x), model(x.float()))
 
 
-def _blind_spot_dependence(model: ARModel, pos: int) -> torch.Tensor:
+def _blind_spotdependence(model: ARModel, pos: int) -> torch.Tensor:
     x = random_levels(2, (1, 9, 9), 2)
-    return _dependence(model, x, pos)
+    return dependence(model, x, pos)
 
 
 def test_pixelcnn_has_a_blind_spot() -> None:
     """Output (8, 4) of a 9x9 PixelCNN sees (5, 8), two rows further up, but never (7, 8)."""
     model = build_model("pixelcnn", (1, 9, 9), channels=8, blocks=4, head_channels=8)
     randomize(model)
-    dep = _blind_spot_dependence(model, 8 * 9 + 4).view(9, 9)
+    dep = _blind_spotdependence(model, 8 * 9 + 4).view(9, 9)
     assert dep[5, 8], "the receptive field should reach (5, 8) with 4 mask-B blocks"
     assert not dep[7, 8], "(7, 8) precedes (8, 4) in raster order but lies in PixelCNN's blind spot"
     assert not dep[8, 4:].any() and dep[8, :4].any()
@@ -100,7 +90,7 @@ def test_gated_pixelcnn_minimum_layers_see_every_earlier_pixel(
         assert model.covers_all_pixels is complete  # type: ignore[attr-defined]
         missed = []
         for pos in range(81):
-            dep = _blind_spot_dependence(model, pos)
+            dep = _blind_spotdependence(model, pos)
             assert not dep[pos:].any(), f"gated_pixelcnn output {pos} sees itself or the future"
             if not dep[:pos].all():
                 missed.append(pos)

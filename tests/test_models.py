@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
-from toys import MODEL_CASES, MODEL_IDS, TINY, all_images, model_cases, randomize, tiny_model
+from toys import MODEL_CASES, MODEL_IDS, TINY, all_images, dependence, model_cases, randomize, tiny_model
 
 from ardetect.models import REGISTRY, ARModel, build_model, load_model, save_model
 
@@ -53,16 +53,6 @@ def test_cases_follow_the_registry() -> None:
     assert {n for n, _ in MODEL_CASES} == set(REGISTRY)
 
 
-def _dependence(model: ARModel, x: torch.Tensor, pos: int) -> torch.Tensor:
-    """Which inputs (flat index) the logits at flat position ``pos`` have a nonzero gradient for."""
-    x = x.clone().requires_grad_(True)
-    logits = model(x)
-    out = logits.flatten(1)[:, pos] if model.levels == 2 else logits.flatten(2)[:, :, pos]  # (B,) | (B, L)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(pos))  # no lucky cancellation
-    (grad,) = torch.autograd.grad((out * weight).sum(), x)
-    return grad.abs().sum(0).flatten() > 0  # (D,)
-
-
 def _shapes(name: str) -> list[tuple[int, int, int]]:
     shapes = [(1, 3, 3), (1, 4, 5), (2, 2, 3)]
     return [s for s in shapes if s[0] == 1 or not REGISTRY[name].single_channel_only]
@@ -87,7 +77,7 @@ def test_causal_by_gradients(name: str, levels: int, shape: tuple[int, int, int]
         model.select_ordering(k)
         rank = {pos: step for step, pos in enumerate(model.order.tolist())}
         for pos in range(d):
-            dep = _dependence(model, x, pos)
+            dep = dependence(model, x, pos)
             later = [q for q in range(d) if rank[q] >= rank[pos]]
             earlier = [q for q in range(d) if rank[q] < rank[pos]]
             assert not dep[later].any(), (

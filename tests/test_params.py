@@ -122,3 +122,38 @@ def test_missing_and_malformed_file(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("data: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+#: keys that name entries of ``models:`` (per-model settings, which are the profile's by design): a
+#: library default cannot know which models a profile defines.
+NAMES_MODEL_ENTRIES = {"train.models", "ood.background"}
+
+
+def _drift(raw: dict, parsed: object, default: object, prefix: str) -> list[str]:
+    """``path: yaml=... default=...`` for every key of ``raw`` whose validated value differs from the
+    dataclass default, recursing into nested sections (``train.defaults``)."""
+    lines = []
+    for key, value in raw.items():
+        path = f"{prefix}.{key}"
+        got, want = getattr(parsed, key), getattr(default, key)
+        if isinstance(value, dict) and path not in NAMES_MODEL_ENTRIES:
+            lines += _drift(value, got, want, path)
+        elif path not in NAMES_MODEL_ENTRIES and got != want:
+            lines.append(f"{path}: params.yaml={got!r} dataclass default={want!r}")
+    return lines
+
+
+def test_dataclass_defaults_equal_params_yaml() -> None:
+    """One source of defaults: every key params.yaml states (outside the per-model ``models:`` entries)
+    equals its section dataclass's default, so code that builds a section without the file runs what
+    users run. Values are compared after validation (``8/255`` is a float there)."""
+    raw, params = default_raw(), load_params(ROOT / "params.yaml")
+    drift, checked = [], 0
+    for name, section in raw.items():
+        if name == "models":
+            continue
+        parsed = getattr(params, name)
+        drift += _drift(section, parsed, type(parsed)(), name)
+        checked += len(section)
+    assert checked > 100, "every section was walked"
+    assert not drift, "change these dataclass defaults to params.yaml's values:\n" + "\n".join(drift)

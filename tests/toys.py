@@ -102,3 +102,13 @@ def digits_gray() -> tuple[np.ndarray, np.ndarray]:
     data = load_digits()
     gray = np.rint(data.images * 255.0 / 16.0).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
     return gray, data.target.astype(np.int64)
+
+
+def dependence(model: ARModel, x: torch.Tensor, pos: int) -> torch.Tensor:
+    """Which inputs (flat index) the logits at flat position ``pos`` have a nonzero gradient for."""
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    out = logits.flatten(1)[:, pos] if model.levels == 2 else logits.flatten(2)[:, :, pos]  # (B,) | (B, L)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(pos))  # no lucky cancellation
+    (grad,) = torch.autograd.grad((out * weight).sum(), x)
+    return grad.abs().sum(0).flatten() > 0  # (D,)

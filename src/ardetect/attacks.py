@@ -80,8 +80,8 @@ Epsilon = Annotated[float, BeforeValidator(_fraction), Field(gt=0.0, le=1.0)]
 class AttackConfig:
     """Which attacks to run and their budgets; ``epsilons`` are L∞ radii in [0, 1] units (gray/255)."""
 
-    attacks: tuple[str, ...] = ATTACKS
-    epsilons: tuple[Epsilon, ...] = (8 / 255, 25 / 255)
+    attacks: tuple[str, ...] = ("fgsm", "pgd", "deepfool", "cw", "cw_conf", "noise")
+    epsilons: tuple[Epsilon, ...] = (8 / 255, 25 / 255, 51 / 255)
     pgd_steps: PositiveInt = 20
     pgd_rel_stepsize: PositiveFloat = 0.1
     deepfool_norm: Literal["l2", "linf"] = "l2"

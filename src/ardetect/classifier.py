@@ -39,7 +39,7 @@ class ClassifierConfig:
     hidden: PositiveInt = 128
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     num_classes: Annotated[int, Field(ge=2)] = 10
-    epochs: PositiveInt = 5
+    epochs: PositiveInt = 4
     batch_size: PositiveInt = 128
     lr: PositiveFloat = 2e-3
     weight_decay: NonNegativeFloat = 0.0

@@ -35,7 +35,7 @@ class DataParams:
 
     dataset: Literal["mnist", "fashion-mnist", "digits"] = "fashion-mnist"
     root: str | None = None
-    val_fraction: Fraction = 1 / 12
+    val_fraction: Fraction = 0.0833333  # 5,000 of Fashion-MNIST's 60,000 training images
     test_fraction: Fraction = 0.2
     seed: NonNegativeInt = 0
     max_train: PositiveInt | None = None

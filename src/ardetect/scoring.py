@@ -44,9 +44,9 @@ class ScoreConfig:
     for dynamic scoring, so memory stays bounded whatever ``num_draws`` is.
     """
 
-    num_draws: Annotated[int, Field(ge=2)] = 16
+    num_draws: Annotated[int, Field(ge=2)] = 8
     seed: NonNegativeInt = 0
-    batch_size: PositiveInt = 256
+    batch_size: PositiveInt = 512
 
 
 @config_dataclass

@@ -173,15 +173,68 @@ class ARModel(nn.Module):
         return logits.reshape(b, self.levels, -1)[:, :, flat_index]
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Ancestral sampling in the model's order, one full forward pass per position."""
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        given: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Ancestral sampling in the model's order, one full forward pass per drawn position.
+
+        With ``given`` (levels, (n, C, H, W)) and ``mask`` (bool, True where a pixel is given; broadcast
+        to ``given``'s shape), given pixels are kept and the others drawn in order, each conditioned on
+        every pixel before it: exact draws from p(rest | given) when the given pixels come first in the
+        order (e.g. the top rows in raster order, for inpainting the rest). Without them the draws are
+        the unconditional ones, unchanged for a fixed ``generator``.
+        """
         device = next(self.parameters()).device
-        x = torch.zeros((n, *self.image_shape), device=device)  # (n, C, H, W)
-        flat = x.view(n, -1)  # (n, D), shares storage with x
+        flat, known = self.sample_start(n, given, mask, device)  # (n, D), (n, D) bool or None
+        x = flat.view(n, *self.image_shape)  # (n, C, H, W), shares storage with flat
+        done = known.all(0).tolist() if known is not None else [False] * self.num_dims  # given everywhere
         for idx in self.order.tolist():
-            logits = self.position_logits(self(x), idx)
-            flat[:, idx] = self.sample_step(logits, generator)
+            if not done[idx]:
+                logits = self.position_logits(self(x), idx)
+                self.place(flat, idx, self.sample_step(logits, generator), known)
         return x
+
+    def sample_start(
+        self,
+        n: int,
+        given: Tensor | None,
+        mask: Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The (n, D) canvas ``sample`` fills in (given pixels in place, zeros elsewhere) and the (n, D)
+        bool mask of given pixels (None without ``given``); bad conditioning fails here, before any pass."""
+        if given is None and mask is None:
+            return torch.zeros(n, self.num_dims, device=device, dtype=dtype), None
+        if given is None or mask is None:
+            raise ValueError("sample: pass given and mask together (mask is True where given is kept)")
+        shape = (n, *self.image_shape)
+        if tuple(given.shape) != shape:
+            raise ValueError(
+                f"sample: given must hold the n={n} images to complete, shape {shape}; "
+                f"got {tuple(given.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            raise ValueError(f"sample: mask must be a bool tensor (True where given), got {mask.dtype}")
+        try:
+            known = mask.to(device).expand(shape)  # (n, C, H, W)
+        except RuntimeError:
+            raise ValueError(
+                f"sample: mask of shape {tuple(mask.shape)} does not broadcast to given's shape {shape}"
+            ) from None
+        kept = torch.where(known, given.to(device), torch.zeros((), dtype=given.dtype, device=device))
+        self.check_input(kept)  # given pixels must be valid levels; the others are ignored
+        return kept.to(dtype).reshape(n, -1).clone(), known.reshape(n, -1)  # (n, D), (n, D)
+
+    @staticmethod
+    def place(flat: Tensor, idx: int, draw: Tensor, known: Tensor | None) -> None:
+        """Write the draws (n,) of position ``idx`` into the canvas ``flat`` (n, D), keeping given pixels."""
+        flat[:, idx] = draw if known is None else torch.where(known[:, idx], flat[:, idx], draw)
 
     def training_state(self) -> dict[str, Any]:
         """Training state kept outside ``state_dict`` (e.g. a Python step counter), for resuming a run.
@@ -209,3 +262,40 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.mask * self.weight, self.bias)
+
+
+def shift_right(seq: Tensor, start: Tensor) -> Tensor:
+    """``seq`` (B, D, E) one step later behind the start token ``start`` (E,): step i then carries
+    positions 0..i-1 only, so sequence models predict pixel i without seeing it."""
+    return torch.cat([start.expand(seq.shape[0], 1, -1), seq[:, :-1]], 1)  # (B, D, E)
+
+
+class PixelLogitHead(nn.Sequential):
+    """The conv models' output head: ReLU-1x1-ReLU-1x1 from features (B, ch, H, W) of a single-channel
+    image to the ``forward`` logits layout, (B, 1, H, W) or (B, levels, 1, H, W).
+
+    ``matmul_last`` runs the last 1x1 convolution as one batched matmul that writes NCHW-contiguous
+    logits: with channels-last features (PixelCNN) the likelihood's (log-)softmax over levels would
+    otherwise copy a channels-last (B, 256, H, W) both ways. The layers keep ``nn.Sequential``'s
+    indices, so checkpoints name ``head.1.*`` and ``head.3.*``.
+    """
+
+    def __init__(self, channels: int, hidden: int, levels: int, matmul_last: bool = False) -> None:
+        out = 1 if levels == 2 else levels
+        super().__init__(nn.ReLU(), nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, out, 1))
+        self.levels, self.matmul_last = levels, matmul_last
+
+    def forward(self, h: Tensor) -> Tensor:
+        *hidden, last = self  # (slicing a Sequential would rebuild this class)
+        for layer in hidden:
+            h = layer(h)  # (B, hidden, H, W)
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
+        if self.matmul_last:
+            b, _, rows, cols = h.shape
+            pixels = h.permute(0, 2, 3, 1).reshape(b, rows * cols, -1)  # (B, H*W, hidden): a view
+            weight = last.weight.flatten(1).expand(b, -1, -1)  # (B, out, hidden)
+            out = torch.baddbmm(last.bias[:, None], weight, pixels.transpose(1, 2))  # (B, out, H*W)
+            out = out.view(b, -1, rows, cols)  # (B, 1 or levels, H, W)
+        else:
+            out = last(h)  # (B, 1 or levels, H, W)
+        return out if self.levels == 2 else out.unsqueeze(2)  # (B, 1, H, W) or (B, levels, 1, H, W)

@@ -30,7 +30,7 @@ from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from ardetect.configs import config_dataclass
-from ardetect.models.base import ARModel
+from ardetect.models.base import ARModel, PixelLogitHead
 
 
 @config_dataclass
@@ -104,12 +104,7 @@ class GatedPixelCNN(ARModel):
             [GatedLayer(1, ch, config.input_kernel_size, first=True)]
             + [GatedLayer(ch, ch, config.kernel_size, first=False) for _ in range(config.layers - 1)]
         )
-        self.head = nn.Sequential(
-            nn.ReLU(),
-            nn.Conv2d(ch, config.head_channels, 1),
-            nn.ReLU(),
-            nn.Conv2d(config.head_channels, 1 if levels == 2 else levels, 1),
-        )
+        self.head = PixelLogitHead(ch, config.head_channels, levels)
 
     @property
     def covers_all_pixels(self) -> bool:
@@ -124,5 +119,4 @@ class GatedPixelCNN(ARModel):
         for layer in self.layers[1:]:
             v, h, skip = layer(v, h)  # (B, ch, H, W) each
             skips = skips + skip
-        out = self.head(skips)  # (B, 1 or levels, H, W)
-        return out if self.levels == 2 else out.unsqueeze(2)  # (B, 1, H, W) or (B, levels, 1, H, W)
+        return self.head(skips)  # (B, 1, H, W) or (B, levels, 1, H, W)

@@ -121,9 +121,22 @@ class MADE(ARModel):
         self.select_ordering(int(state["mask_index"]))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Sample the mixture: a uniformly drawn mask per image, then ancestral sampling in its order."""
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        given: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Sample the mixture: a uniformly drawn mask per image, then ancestral sampling in its order.
+
+        ``given``/``mask`` keep those pixels as in ``ARModel.sample``; with several masks the mask is
+        still drawn uniformly (not reweighted by the given pixels), so only ``num_masks == 1`` draws
+        exactly from p(rest | given).
+        """
         device = self.orders.device
+        flat, known = self.sample_start(n, given, mask, device)  # validates before any draw
         current = self.mask_index
         comp = torch.randint(self.num_orderings, (n,), generator=generator, device=device)
         out = torch.zeros((n, *self.image_shape), device=device)  # (n, C, H, W)
@@ -131,6 +144,8 @@ class MADE(ARModel):
             idx = (comp == k).nonzero().flatten()
             if idx.numel():
                 self.select_ordering(k)
-                out[idx] = super().sample(idx.numel(), generator)
+                given_k = None if known is None else flat[idx].view(-1, *self.image_shape)
+                mask_k = None if known is None else known[idx].view(-1, *self.image_shape)
+                out[idx] = super().sample(idx.numel(), generator, given=given_k, mask=mask_k)
         self.select_ordering(current)
         return out

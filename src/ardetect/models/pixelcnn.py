@@ -20,7 +20,7 @@ from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from ardetect.configs import config_dataclass
-from ardetect.models.base import ARModel
+from ardetect.models.base import ARModel, PixelLogitHead
 
 
 @config_dataclass
@@ -94,12 +94,7 @@ class PixelCNN(ARModel):
         self.input_conv = MaskedConv2d(1, ch, config.kernel_size, "A")
         blocks = (ResidualBlock(ch, config.block_kernel_size) for _ in range(config.blocks))
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(
-            nn.ReLU(),
-            nn.Conv2d(ch, config.head_channels, 1),
-            nn.ReLU(),
-            nn.Conv2d(config.head_channels, 1 if levels == 2 else levels, 1),
-        )
+        self.head = PixelLogitHead(ch, config.head_channels, levels, matmul_last=True)
         # Channels-last weights and activations: oneDNN's convolutions then run without reordering
         # NCHW tensors to and from its blocked layout in every call, forward and backward (1.4x training
         # throughput per core at the default size). Values, state_dict keys and initialisation unchanged.
@@ -108,14 +103,4 @@ class PixelCNN(ARModel):
     def forward(self, x: Tensor) -> Tensor:
         x = self.scale_input(x).contiguous(memory_format=torch.channels_last)  # (B, 1, H, W)
         h = self.input_conv(x)  # (B, ch, H, W), channels-last
-        h = self.head[:-1](self.blocks(h))  # (B, head, H, W), channels-last
-        # The last 1x1 conv as one batched matmul that writes NCHW-contiguous logits: the likelihood's
-        # (log-)softmax over levels would otherwise copy a channels-last (B, 256, H, W) both ways.
-        last = self.head[-1]
-        assert isinstance(last, nn.Conv2d) and last.bias is not None
-        b, _, rows, cols = h.shape
-        pixels = h.permute(0, 2, 3, 1).reshape(b, rows * cols, -1)  # (B, H*W, head): a view
-        weight = last.weight.flatten(1).expand(b, -1, -1)  # (B, out, head)
-        out = torch.baddbmm(last.bias[:, None], weight, pixels.transpose(1, 2))  # (B, out, H*W)
-        out = out.view(b, -1, rows, cols)  # (B, 1 or levels, H, W)
-        return out if self.levels == 2 else out.unsqueeze(2)  # (B, 1, H, W) or (B, levels, 1, H, W)
+        return self.head(self.blocks(h))  # (B, 1, H, W) or (B, levels, 1, H, W), NCHW-contiguous

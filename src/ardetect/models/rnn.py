@@ -16,7 +16,7 @@ from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from ardetect.configs import config_dataclass
-from ardetect.models.base import ARModel
+from ardetect.models.base import ARModel, shift_right
 
 
 @config_dataclass
@@ -53,7 +53,7 @@ class RasterLSTM(ARModel):
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
         v = self.value(self.scale_input(x).reshape(b, -1, 1))  # (B, D, E)
-        seq = torch.cat([self.start.expand(b, 1, -1), v[:, :-1]], 1) + self.pos  # (B, D, E), shifted
+        seq = shift_right(v, self.start) + self.pos  # (B, D, E)
         if seq.is_cuda and torch.is_grad_enabled() and not self.training:
             # cuDNN refuses the LSTM backward in eval mode; gradients of scores (attacks) need it.
             with torch.backends.cudnn.flags(enabled=False):
@@ -63,14 +63,23 @@ class RasterLSTM(ARModel):
         return self.sequence_logits(self.head(out))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Ancestral sampling carrying the LSTM state: D single steps instead of D full passes."""
-        flat = torch.zeros(n, self.num_dims, device=self.pos.device)  # (n, D)
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        given: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Ancestral sampling carrying the LSTM state: D single steps instead of D full passes
+        (``given``/``mask``: keep those pixels, as in ``ARModel.sample``)."""
+        flat, known = self.sample_start(n, given, mask, self.pos.device)  # (n, D), (n, D) bool or None
         state: tuple[Tensor, Tensor] | None = None
         prev: Tensor | None = None
         for t in range(self.num_dims):
             out, state = self.lstm(self.step_input(prev, t, n), state)  # (n, 1, hidden)
             logits = self.head(out[:, 0])  # (n, 1 or levels)
-            flat[:, t] = self.sample_step(logits[:, 0] if self.levels == 2 else logits, generator)
+            draw = self.sample_step(logits[:, 0] if self.levels == 2 else logits, generator)  # (n,)
+            self.place(flat, t, draw, known)
             prev = flat[:, t]
         return flat.view(n, *self.image_shape)  # (n, C, H, W)

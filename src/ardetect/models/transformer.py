@@ -18,7 +18,7 @@ from pydantic import Field, NonNegativeFloat, PositiveInt
 from torch import Tensor, nn
 
 from ardetect.configs import config_dataclass
-from ardetect.models.base import ARModel
+from ardetect.models.base import ARModel, shift_right
 
 
 @config_dataclass
@@ -91,24 +91,33 @@ class PixelTransformer(ARModel):
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
         v = self.value(self.scale_input(x).reshape(b, -1, 1))  # (B, D, d)
-        h = self.drop(torch.cat([self.start.expand(b, 1, -1), v[:, :-1]], 1) + self.pos)  # (B, D, d)
+        h = self.drop(shift_right(v, self.start) + self.pos)  # (B, D, d)
         for block in self.blocks:
             h = block(h)  # (B, D, d)
         return self.sequence_logits(self.head(self.ln_f(h)))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Ancestral sampling with a key/value cache (as in eval mode: no dropout)."""
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        given: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Ancestral sampling with a key/value cache (as in eval mode: no dropout); ``given``/``mask``:
+        keep those pixels, as in ``ARModel.sample``."""
         cfg, dev, dtype = self.config, self.pos.device, self.pos.dtype
         shape = (n, cfg.heads, self.num_dims, cfg.d_model // cfg.heads)  # per layer, keys and values
         blocks = cast("list[Block]", list(self.blocks))
         caches = [torch.zeros(2, *shape, device=dev, dtype=dtype) for _ in blocks]
-        flat = torch.zeros(n, self.num_dims, device=dev, dtype=dtype)  # (n, D)
+        flat, known = self.sample_start(n, given, mask, dev, dtype)  # (n, D), (n, D) bool or None
         for t in range(self.num_dims):
             token = self.start if t == 0 else self.value(self.scale_input(flat[:, t - 1, None]))  # (n, d)
             h = (token + self.pos[t]).expand(n, -1)[:, None]  # (n, 1, d)
             for block, cache in zip(blocks, caches, strict=True):
                 h = block.step(h, cache[0], cache[1], t)  # (n, 1, d)
             logits = self.head(self.ln_f(h[:, 0]))  # (n, 1 or levels)
-            flat[:, t] = self.sample_step(logits[:, 0] if self.levels == 2 else logits, generator)
+            draw = self.sample_step(logits[:, 0] if self.levels == 2 else logits, generator)  # (n,)
+            self.place(flat, t, draw, known)
         return flat.view(n, *self.image_shape)  # (n, C, H, W)
