@@ -1,6 +1,5 @@
-"""DVC stage `compress`: the first ``compress.num_images`` clean test images as one ANS stream per 8-bit
-model; real bits per dimension against the model's BPD (KL = compression) and PNG, gzip and xz; the first
-``compress.roundtrip_images`` decoded again and compared with the originals."""
+"""DVC stage `compress`: clean test images as one ANS stream per 8-bit model; real bits per dimension vs
+the model's BPD (KL = compression) and PNG/gzip/xz, and a lossless round trip (see ardetect.compression)."""
 
 from __future__ import annotations
 
@@ -10,17 +9,15 @@ import time
 from ardetect import layout
 from ardetect.compression import (
     CompressParams,
-    baseline_bpd,
     compress_models,
     compress_problems,
-    measure,
-    summary_line,
+    measure_models,
 )
 from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import load_split
 from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
-from ardetect.models import load_model, trained_model_paths
+from ardetect.models import trained_model_paths
 from ardetect.tracking import TrackingParams, run_stage, stage_run
 from ardetect.training import ModelEntry, TrainSection
 
@@ -45,12 +42,8 @@ def main() -> None:
     images = load_split(layout.split_path("test"))["images"][: p.num_images]  # (N, 1, H, W) uint8
     inputs = [layout.DATASET, layout.MODELS]
     with stage_run("compress", params.tracking, params=dataclasses.asdict(p), inputs=inputs) as run:
-        start, baselines, metrics = time.perf_counter(), baseline_bpd(images), {}
-        for name in names:
-            m = measure(load_model(paths[name]), images, roundtrip_images=p.roundtrip_images,
-                        batch_size=p.batch_size, device=device, progress=p.progress)  # fmt: skip
-            metrics[name] = {**m, **baselines}
-            print(summary_line(name, metrics[name]))
+        start = time.perf_counter()
+        metrics = measure_models(paths, images, p, device)
         cells = {f"{n}/{k}": float(v) for n, m in metrics.items() for k, v in m.items()}
         run.log_headline(cells, prefix="compress")
         run.log_metrics({"seconds": time.perf_counter() - start})

@@ -35,8 +35,7 @@ def main() -> None:
     p = params.purify
     device = resolve_device(p.device, "purify.device")
     model_path = trained_model_paths(layout.MODELS, [p.model])[p.model]
-    density = load_model(model_path).to(device).eval()
-    check_purifier(density)
+    check_purifier(density := load_model(model_path).to(device).eval())
     clf = load_classifier(layout.CLASSIFIER, device)
     test = load_split(layout.split_path("test"))
     files = sorted(layout.ATTACKS.glob("*.npz")) + sorted(layout.ADAPTIVE.glob("*.npz"))

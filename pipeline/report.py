@@ -33,27 +33,20 @@ def main() -> None:
     p = load_sections(StageParams)
     detect = report.DetectOutputs.read(layout.DETECT)
     train = {m: json.loads(layout.train_metrics(m).read_text()) for m in detector_models(p.train, p.models)}
-    ood_metrics, compress_metrics, purify_metrics = (
-        json.loads(f.read_text())
-        for f in (layout.OOD_METRICS, layout.COMPRESS_METRICS, layout.PURIFY_METRICS)
-    )
-    classifier = json.loads(layout.CLASSIFIER_METRICS.read_text())
-    attacks = pd.read_csv(layout.ATTACK_SUMMARY)
-    s = p.score
-    notes = report.evaluation_notes(
-        p.data.dataset, p.binarize.mode, p.detect.fpr, s.num_calib, s.num_train_ref
-    )
+    stages = (layout.OOD_METRICS, layout.COMPRESS_METRICS, layout.PURIFY_METRICS)
+    read = [json.loads(f.read_text()) for f in stages]
+    sections = [module.markdown_section(m) for module, m in zip((ood, compression, purify), read)]
+    purified = {f"Purification, {f.stem}": f for f in sorted(layout.PURIFY.glob("*.png"))}
+    figures = report.STAGE_FIGURES | purified
+    notes = report.evaluation_notes(p.data.dataset, p.binarize.mode, p.detect.fpr, p.score.num_calib,
+                                    p.score.num_train_ref)  # fmt: skip
     with stage_run("report", p.tracking, params={}, inputs=[layout.DETECT, layout.TRAIN_METRICS]) as run:
         with staged_outputs(layout.REPORT, layout.HEADLINE) as (out, headline_dir):
             out.mkdir()
-            sections = [ood.markdown_section(ood_metrics), compression.markdown_section(compress_metrics),
-                        purify.markdown_section(purify_metrics)]  # fmt: skip
-            figures = report.STAGE_FIGURES | {
-                f"Purification, {f.stem}": f for f in layout.PURIFY.glob("*.png")
-            }
-            report.publish_report(out, detect, classifier=classifier, attacks=attacks, notes=notes,
-                                  sections=sections, figures=figures)  # fmt: skip
-            headline = report.headline_metrics(train, detect.detection, ood.headline(ood_metrics))
+            report.publish_report(out, detect, classifier=json.loads(layout.CLASSIFIER_METRICS.read_text()),
+                                  attacks=pd.read_csv(layout.ATTACK_SUMMARY), notes=notes, sections=sections,
+                                  figures=figures)  # fmt: skip
+            headline = report.headline_metrics(train, detect.detection, ood.headline(read[0]))
             run.log_headline(report.write_headline(headline_dir, headline), prefix="headline")
             if cells := report.adaptive_cells(detect.adaptive):
                 run.log_headline(cells, prefix="adaptive_vs_oblivious")

@@ -46,6 +46,7 @@ import struct
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -502,3 +503,19 @@ def summary_line(name: str, m: Mapping[str, Any]) -> str:
         f"({m['difference']:+.4f}), round trip {'ok' if m['roundtrip_ok'] else 'FAILED'}; "
         f"PNG {m['png_bpd']:.3f}, gzip {m['gzip_bpd']:.3f}, xz {m['xz_bpd']:.3f}"
     )
+
+
+def measure_models(
+    paths: Mapping[str, Path], images: np.ndarray, config: CompressParams, device: torch.device | str = "cpu"
+) -> dict[str, dict[str, Any]]:
+    """compress.json: :func:`measure` per model checkpoint in ``paths``, with the PNG/gzip/xz baselines
+    of the same images; prints each model's line as it finishes."""
+    from ardetect.models import load_model
+
+    baselines, metrics = baseline_bpd(images), {}
+    for name, path in paths.items():
+        m = measure(load_model(path), images, roundtrip_images=config.roundtrip_images,
+                    batch_size=config.batch_size, device=device, progress=config.progress)  # fmt: skip
+        metrics[name] = {**m, **baselines}
+        print(summary_line(name, metrics[name]))
+    return metrics

@@ -263,6 +263,21 @@ def _markdown(df: pd.DataFrame) -> str:
     return str(cells.to_markdown(index=False, floatfmt=".3f", missingval="—"))
 
 
+def _attack_section(attacks: pd.DataFrame) -> list[str]:
+    """report.md's attack-success table (ε as a fraction of 255)."""
+    if "epsilon" in attacks.columns:
+        attacks = attacks.assign(epsilon=[format_epsilon(e) for e in attacks["epsilon"]])
+    return [
+        "## Attack success (before / after rounding to 8 bits)",
+        "",
+        "`failed`: images where the attack returned its failure sentinel (Carlini-Wagner's all-zero "
+        "image); they count as failures everywhere. Noise is a control: all its images are scored.",
+        "",
+        _markdown(attacks),
+        "",
+    ]
+
+
 def write_report(
     path: str | os.PathLike[str],
     *,
@@ -316,17 +331,7 @@ def write_report(
     if classifier is not None:
         parts += ["## Classifier accuracy", "", _markdown(classifier), ""]
     if attacks is not None:
-        if "epsilon" in attacks.columns:
-            attacks = attacks.assign(epsilon=[format_epsilon(e) for e in attacks["epsilon"]])
-        parts += [
-            "## Attack success (before / after rounding to 8 bits)",
-            "",
-            "`failed`: images where the attack returned its failure sentinel (Carlini-Wagner's all-zero "
-            "image); they count as failures everywhere. Noise is a control: all its images are scored.",
-            "",
-            _markdown(attacks),
-            "",
-        ]
+        parts += _attack_section(attacks)
     if detection is not None:
         parts += [
             "## Detection by BPD",
