@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import io
 import lzma
 import math
 import struct
@@ -55,6 +54,7 @@ from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
 from ardetect.configs import Device, config_dataclass
+from ardetect.images import png_bytes
 from ardetect.models.base import ARModel
 
 if TYPE_CHECKING:  # types only: the compress stage's closure stays free of the training loop
@@ -269,20 +269,12 @@ def decode(
 # --- baselines ---------------------------------------------------------------------------------------
 
 
-def _png_bytes(image: np.ndarray) -> int:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[0], mode="L").save(buf, format="PNG", optimize=True)
-    return buf.tell()
-
-
 def baseline_bpd(images: np.ndarray) -> dict[str, float]:
     """PNG, gzip and xz bits per dimension of uint8 gray images (N, 1, H, W), each image its own file."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"baselines take uint8 gray images (N, 1, H, W), got {images.dtype} {images.shape}")
     sizes = {
-        "png": sum(_png_bytes(im) for im in images),
+        "png": sum(png_bytes(im[0]) for im in images),
         "gzip": sum(len(gzip.compress(im.tobytes(), compresslevel=9, mtime=0)) for im in images),
         "xz": sum(len(lzma.compress(im.tobytes(), filters=_XZ)) for im in images),
     }

@@ -435,10 +435,15 @@ def roc_points(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {model: pd.concat(frames, ignore_index=True) for model, frames in curves.items()}
 
 
+def tpr_column(table: pd.DataFrame) -> str:
+    """The detection table's TPR column (``tpr_at_<100 fpr>fpr``, named after the target FPR)."""
+    return next(c for c in table.columns if c.startswith("tpr_at_"))
+
+
 def detection_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
     """``detection.json``: model → set → AUROC, its interval, TPR and realized FPR at the calibrated
     threshold, p-value detection rate and the number of positives."""
-    tpr_col = next(c for c in table.columns if c.startswith("tpr_at_"))
+    tpr_col = tpr_column(table)
     cols = ("auroc", "ci_low", "ci_high", tpr_col, "fpr", "pvalue_detection_rate", "n_pos")
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for _, row in table.iterrows():
@@ -449,7 +454,7 @@ def detection_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, floa
 def headline_cells(table: pd.DataFrame, metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
     """The tracking run's headline: AUROC, TPR at the target FPR and realized FPR per model and set
     (``<model>/<set>/<metric>``), for cells with positives."""
-    tpr = next(c for c in table.columns if c.startswith("tpr_at_"))
+    tpr = tpr_column(table)
     logged = {"auroc": "auroc", tpr: "tpr_at_fpr", "fpr": "fpr"}
     return {f"{m}/{s}/{v}": c[k] for m, sets in metrics.items() for s, c in sets.items()
             for k, v in logged.items() if c["n_pos"] > 0}  # fmt: skip

@@ -97,3 +97,15 @@ def check_size(path: str | Path, gray: np.ndarray, image_shape: Sequence[int]) -
     h, w = image_shape[-2:]
     if gray.shape != (h, w):
         raise ImageError(f"{path}: expected {h}x{w}, got {gray.shape[0]}x{gray.shape[1]}")
+
+
+def png_bytes(plane: np.ndarray) -> int:
+    """Size of a 2-D image as an optimized PNG (Pillow): uint8 → 8-bit gray, bool → 1-bit. The generic
+    compressor that BPD is compared with (compression baselines, OOD input complexity)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(plane).save(buf, format="PNG", optimize=True)
+    return buf.tell()

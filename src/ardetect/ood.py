@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib.resources
-import io
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ from tqdm.auto import tqdm
 
 from ardetect.configs import Device, config_dataclass
 from ardetect.data import DataError, load_raw
+from ardetect.images import png_bytes
 from ardetect.models.base import ARModel
 from ardetect.scoring import Binarization, ScoreConfig, score_bpd
 from ardetect.training import ModelEntry, TrainSection, detector_models
@@ -277,11 +277,7 @@ def compressed_bits_per_dim(images: np.ndarray, levels: int, codec: Literal["png
             )
             size = len(zlib.compress(raw, 9))
         else:
-            buf = io.BytesIO()
-            Image.fromarray(plane.astype(bool) if levels == 2 else plane.astype(np.uint8)).save(
-                buf, format="PNG", optimize=True
-            )
-            size = buf.tell()
+            size = png_bytes(plane.astype(bool) if levels == 2 else plane.astype(np.uint8))
         out[i] = 8.0 * size / (c * h * w)
     return out
 
