@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ardetect.models import ARModel, build_model
+from ardetect.models import ARModel
 from ardetect.params import Params, load_params
 from ardetect.training import DensityTraining
 
@@ -161,7 +161,7 @@ def main() -> None:
         entry = params.models[name]
         tp = params.train_params(name)
         torch.manual_seed(0)
-        model = build_model(entry.arch, shape, levels=entry.levels, **entry.hparams).to(device)
+        model = entry.build(shape).to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if args.compile:

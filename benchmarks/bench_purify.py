@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ardetect.models import ARModel, build_model, load_model
+from ardetect.models import ARModel, load_model
 from ardetect.params import load_params
 from ardetect.purify import DecodeStats, purify, purify_reference
 
@@ -40,7 +40,7 @@ def density(name: str, params_path: str, models_dir: Path) -> tuple[ARModel, str
         return load_model(path).eval(), str(path)
     entry = load_params(params_path).models[name]
     torch.manual_seed(0)
-    return build_model(entry.arch, (1, 28, 28), levels=entry.levels, **entry.hparams).eval(), "random init"
+    return entry.build((1, 28, 28)).eval(), "random init"
 
 
 def images(n: int, data: Path) -> torch.Tensor:

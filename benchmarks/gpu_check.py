@@ -19,7 +19,6 @@ import torch
 
 from ardetect.data import binarize_splits, prepare, save_split, training_data
 from ardetect.devices import resolve_device
-from ardetect.models import build_model
 from ardetect.params import load_params
 from ardetect.training import evaluate_nll, fit, nats_to_bpd
 
@@ -69,7 +68,7 @@ def main() -> None:
             )
             data = training_data(folder, entry.levels, b.mode, b.resample_train, b.seed + tp.seed, device)
             torch.manual_seed(tp.seed)
-            model = build_model(entry.arch, data.image_shape, levels=entry.levels, **entry.hparams)
+            model = entry.build(data.image_shape)
             t0 = time.perf_counter()
             result = fit(
                 model, data.train, data.val, tp, checkpoint_path=folder / f"{name}.pt", device=device

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ardetect.models import build_model
 from ardetect.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +54,7 @@ def test_bench_models_writes_json(tmp_path: Path) -> None:
     for name, row in rows.items():
         entry = params.models[name]
         assert (row["arch"], row["levels"], row["train_batch"]) == (entry.arch, entry.levels, 4)
-        model = build_model(entry.arch, (1, 4, 4), levels=entry.levels, **entry.hparams)
+        model = entry.build((1, 4, 4))
         assert row["parameters"] == sum(p.numel() for p in model.parameters()), "not the profile's model"
         assert row["train_images_per_second"] > 0 and row["score_images_per_second"] > 0
     # the FLOP rate is the counted FLOPs per step at the measured step rate, against the measured peak

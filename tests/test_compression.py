@@ -27,7 +27,7 @@ from ardetect.compression import (
 )
 from ardetect.models import build_model, save_model
 from ardetect.models.base import ARModel
-from ardetect.training import ModelEntry
+from ardetect.training import model_entry_of
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 6, 6)
@@ -164,10 +164,10 @@ def test_baselines_cannot_shrink_noise_but_shrink_flat_images() -> None:
 
 def test_compress_models_and_problems() -> None:
     models = {
-        "bin": ModelEntry(arch="fvsbn"),
-        "a8": ModelEntry(arch="pixelcnn", levels=256),
-        "b8": ModelEntry(arch="gated_pixelcnn", levels=256),
-        "bg8": ModelEntry(arch="pixelcnn", levels=256, mutation_rate=0.1),
+        "bin": model_entry_of({"arch": "fvsbn"}),
+        "a8": model_entry_of({"arch": "pixelcnn", "levels": 256}),
+        "b8": model_entry_of({"arch": "gated_pixelcnn", "levels": 256}),
+        "bg8": model_entry_of({"arch": "pixelcnn", "levels": 256, "mutation_rate": 0.1}),
     }
     train = ["bin", "b8", "a8", "bg8"]
     assert compress_models(CompressParams(), train, models) == ["b8", "a8"]  # no background model

@@ -40,7 +40,7 @@ from ardetect.ood import (
 )
 from ardetect.params import ParamsError, parse_params
 from ardetect.scoring import ScoreConfig
-from ardetect.training import ModelEntry, TrainSection, detector_models
+from ardetect.training import TrainSection, detector_models, model_entry_of
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -270,7 +270,7 @@ def test_existing_models_are_no_background() -> None:
     params = parse_params(repo_params())
     assert params.models["pixelcnn_8bit_background"].mutation_rate == 0.1
     assert [n for n, e in params.models.items() if e.is_background] == ["pixelcnn_8bit_background"]
-    assert ModelEntry(arch="made").mutation_rate == 0.0
+    assert model_entry_of({"arch": "made"}).mutation_rate == 0.0
 
 
 def test_background_models_are_no_detectors() -> None:
@@ -314,11 +314,11 @@ def test_score_stage_scores_detectors_only() -> None:
 def test_ood_problems_name_the_fix() -> None:
     train = TrainSection(models=["made", "px", "px_bg", "plain"])
     models = {
-        "made": ModelEntry(arch="made"),
-        "px": ModelEntry(arch="pixelcnn", levels=256),
-        "px_bg": ModelEntry(arch="pixelcnn", levels=256, mutation_rate=0.1),
-        "plain": ModelEntry(arch="pixelcnn", levels=256),
-        "made_bg": ModelEntry(arch="made", mutation_rate=0.1),
+        "made": model_entry_of({"arch": "made"}),
+        "px": model_entry_of({"arch": "pixelcnn", "levels": 256}),
+        "px_bg": model_entry_of({"arch": "pixelcnn", "levels": 256, "mutation_rate": 0.1}),
+        "plain": model_entry_of({"arch": "pixelcnn", "levels": 256}),
+        "made_bg": model_entry_of({"arch": "made", "mutation_rate": 0.1}),
     }
     ok = OodParams(background={"px": "px_bg"})
     assert ood_problems(ok, train, models, "fashion-mnist") == []

@@ -89,7 +89,12 @@ def test_model_train_overrides_sit_on_defaults() -> None:
         (lambda r: r["models"]["made"]["hparams"].update(hidden=[-3]), "models.made.hparams.hidden.0 = -3"),
         (
             lambda r: r["models"]["nade"].update(arch="nadee"),
-            "models.nade.arch = 'nadee': unknown architecture",
+            "models.nade.arch = 'nadee': unknown architecture (allowed: fvsbn, gated_pixelcnn, made, nade,",
+        ),
+        (lambda r: r["models"]["nade"].pop("arch"), "models.nade.arch: missing"),
+        (  # the hparams are checked against the entry's own architecture's config
+            lambda r: r["models"]["nade"]["hparams"].update(channels=8),
+            "models.nade.hparams.channels: unknown key (allowed: hidden",
         ),
         (lambda r: r["models"]["nade"].update(levels=256), "models.nade.levels = 256: nade supports [2]"),
         (lambda r: r["models"]["nade"].update(train={"patience": 0}), "models.nade.train.patience = 0"),
@@ -105,6 +110,22 @@ def test_bad_params_name_the_key_value_and_rule(edit, message: str) -> None:  # 
     with pytest.raises(ParamsError) as info:
         parse_params(raw)
     assert message in str(info.value)
+
+
+def test_model_entry_holds_its_architectures_config() -> None:
+    """One hop per layer: params.yaml's models.made.hparams.hidden is MADEConfig.hidden, the model's."""
+    from ardetect.models import model_class
+    from ardetect.models.made import MADEConfig
+
+    params = parse_params(default_raw())
+    made = params.models["made"]
+    assert isinstance(made.hparams, MADEConfig) and made.hparams.hidden == tuple(
+        default_raw()["models"]["made"]["hparams"]["hidden"]
+    )
+    model = made.build((1, 28, 28))
+    assert model.config is made.hparams and model.levels == made.levels
+    for name, entry in params.models.items():
+        assert isinstance(entry.hparams, model_class(entry.arch).Config), name  # type: ignore[attr-defined]
 
 
 def test_all_problems_reported_at_once() -> None:

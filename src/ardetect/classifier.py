@@ -9,7 +9,6 @@ best epoch are kept.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,10 +21,10 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
-from ardetect.configs import Device, as_plain, config_dataclass
+from ardetect.configs import Device, config_dataclass
 from ardetect.devices import resolve_device
 from ardetect.loop import EpochStats, Plan, Task, TrainState, train_epochs
-from ardetect.models import atomic_torch_save, load_checkpoint
+from ardetect.models import atomic_torch_save, checkpoint_dict, load_checkpoint
 
 ArrayLike = np.ndarray | Tensor
 History = list[dict[str, float]]
@@ -57,6 +56,8 @@ class ClassifierParams(ClassifierConfig):
 
 class SmallCNN(nn.Module):
     """conv3x3-ReLU-pool twice, then dense-ReLU-dense to logits; needs H, W >= 4 (8x8 and 28x28 work)."""
+
+    name = "small_cnn"  # the checkpoint's ``arch``
 
     def __init__(self, image_shape: Sequence[int], config: ClassifierConfig) -> None:
         super().__init__()
@@ -228,20 +229,13 @@ def train_classifier(
 
 def save_classifier(model: SmallCNN, path: str | os.PathLike[str], **extra: Any) -> None:
     """Write shape, resolved config and CPU weights: a dict that ``torch.load(weights_only=True)`` reads."""
-    ckpt = {
-        "arch": "small_cnn",
-        "image_shape": list(model.image_shape),
-        "config": as_plain(dataclasses.asdict(model.config)),  # type: ignore[call-overload]
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **extra,
-    }
-    atomic_torch_save(ckpt, path)
+    atomic_torch_save(checkpoint_dict(model, **extra), path)
 
 
 def load_classifier(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> SmallCNN:
     """Rebuild a classifier written by ``save_classifier`` (safe load), in eval mode on ``device``."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("arch") != "small_cnn":
+    if ckpt.get("arch") != SmallCNN.name:
         raise ValueError(f"{path} is not a classifier checkpoint (arch={ckpt.get('arch')!r})")
     model = SmallCNN(ckpt["image_shape"], ClassifierConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])

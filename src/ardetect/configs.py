@@ -55,14 +55,43 @@ class ParamsError(ValueError):
     """params.yaml has unknown keys, wrong types or out-of-range values (all listed in the message)."""
 
 
-def fields_at(schema: Any, loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the dataclass found by following ``loc`` from ``schema`` (for 'did you mean')."""
-    cls = schema
+def _fields(tp: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(tp)] if dataclasses.is_dataclass(tp) else []
+
+
+def _discriminator(tp: Any) -> str | None:
+    if typing.get_origin(tp) is not Annotated:
+        return None
+    return next((m.discriminator for m in tp.__metadata__ if getattr(m, "discriminator", None)), None)
+
+
+def _member(tp: Any, key: str, tag: Any) -> Any:
+    """The member of the discriminated union ``tp`` whose ``key`` field is the literal ``tag``."""
+    for member in typing.get_args(typing.get_args(tp)[0]):
+        if tag in typing.get_args(typing.get_type_hints(member).get(key)):
+            return member
+    return None
+
+
+def _walk(schema: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
+    """``loc`` without the tags pydantic inserts for discriminated unions (``models.made.made.hparams`` →
+    ``models.made.hparams``), and the type the last key lives in (for 'did you mean')."""
+    tp, out, parent = schema, [], schema
     for part in loc:
-        if not dataclasses.is_dataclass(cls):
-            return []
-        cls = typing.get_type_hints(cls).get(str(part))
-    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        if (key := _discriminator(tp)) is not None:
+            tp = _member(tp, key, part)
+            continue  # the tag is pydantic's, not a key of the file
+        parent = tp
+        out.append(part)
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp, include_extras=True).get(str(part))
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        else:
+            tp = None
+    return tuple(out), parent
 
 
 def _format(loc: tuple[Any, ...], value: Any, msg: str, valid: list[str]) -> str:
@@ -76,14 +105,27 @@ def _format(loc: tuple[Any, ...], value: Any, msg: str, valid: list[str]) -> str
     return f"{path} = {value!r}: {msg}"
 
 
+_TAG_NAMES = {"arch": "architecture"}
+
+
 def error_lines(
     err: ValidationError, schema: Any, prefix: tuple[Any, ...] = (), valid_fields: list[str] | None = None
 ) -> list[str]:
     """One line per pydantic error: the key's dotted path, its value, and what is allowed."""
     out = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p not in ("function-after",))
-        valid = valid_fields if valid_fields is not None else fields_at(schema, loc[:-1])
+        loc, parent = _walk(schema, tuple(p for p in e["loc"] if p not in ("function-after",)))
+        ctx = e.get("ctx", {})
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            key = ctx["discriminator"].strip("'")
+            if e["type"] == "union_tag_not_found":
+                out.append(f"{'.'.join(map(str, prefix + loc + (key,)))}: missing")
+                continue
+            what = _TAG_NAMES.get(key, key)
+            allowed = ", ".join(sorted(t.strip("'") for t in ctx["expected_tags"].split(", ")))
+            out.append(_format(prefix + loc + (key,), ctx["tag"], f"unknown {what} (allowed: {allowed})", []))
+            continue
+        valid = valid_fields if valid_fields is not None else _fields(parent)
         out.append(_format(prefix + loc, e.get("input"), e["msg"], valid))
     return out
 

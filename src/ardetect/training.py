@@ -23,10 +23,10 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
 import pandas as pd
 import torch
@@ -51,7 +51,6 @@ from ardetect.models import (
     REGISTRY,
     ARModel,
     atomic_torch_save,
-    build_model,
     checkpoint_dict,
     load_checkpoint,
     model_class,
@@ -83,12 +82,17 @@ class TrainParams:
 
 
 @config_dataclass
-class ModelEntry:
-    """``models.<name>`` in params.yaml: an architecture, its levels, its hparams, its training overrides."""
+class EntryBase:
+    """``models.<name>`` in params.yaml: an architecture, its levels, its config, its training overrides.
+
+    ``ModelEntry`` is the union of one subclass per registered architecture, told apart by ``arch``, whose
+    ``hparams`` is that architecture's frozen config: params.yaml is validated once, and ``entry.hparams``
+    is the config the model is built from (``models.<name>.hparams.hidden`` → ``MADEConfig.hidden``).
+    """
 
     arch: str
     levels: Literal[2, 256] = 2
-    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    hparams: Any = None  # the architecture's Config (each subclass narrows the type)
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Ren et al. (2019)'s background model: this fraction of training pixels is mutated afresh each epoch
     # (``data.mutation_resampler``). A model with mutation_rate > 0 is a background, never a detector.
@@ -97,6 +101,34 @@ class ModelEntry:
     @property
     def is_background(self) -> bool:
         return self.mutation_rate > 0
+
+    def build(self, image_shape: Sequence[int]) -> ARModel:
+        """The model this entry describes, with fresh weights (seed the RNG first for a seeded run)."""
+        return model_class(self.arch)(image_shape, self.hparams, self.levels)  # type: ignore[call-arg]
+
+
+def _entry_class(cls: type[ARModel]) -> type[EntryBase]:
+    config = cls.Config  # type: ignore[attr-defined]
+    namespace = {
+        "__annotations__": {"arch": Literal[cls.name], "hparams": config},  # type: ignore[valid-type]
+        "hparams": dataclasses.field(default_factory=config),
+        "__module__": __name__,
+        "__doc__": f"``models.<name>`` with ``arch: {cls.name}``; ``hparams``: ``{config.__name__}``.",
+    }
+    return config_dataclass(type(f"{cls.__name__}Entry", (EntryBase,), namespace))
+
+
+ENTRY_CLASSES: dict[str, type[EntryBase]] = {name: _entry_class(cls) for name, cls in REGISTRY.items()}
+if TYPE_CHECKING:
+    ModelEntry: TypeAlias = EntryBase
+else:
+    ModelEntry = Annotated[Union[tuple(ENTRY_CLASSES.values())], Field(discriminator="arch")]  # noqa: UP007
+
+
+def model_entry_of(raw: dict[str, Any]) -> EntryBase:
+    """One ``models.<name>`` mapping, validated into its architecture's entry (tests, notebooks)."""
+    entry: EntryBase = TypeAdapter(ModelEntry).validate_python(raw)
+    return entry
 
 
 @config_dataclass
@@ -127,23 +159,11 @@ def model_problems(train: TrainSection, models: dict[str, ModelEntry]) -> list[s
         if name not in models
     ]
     for name, entry in models.items():
-        if entry.arch not in REGISTRY:
-            problems.append(
-                f"models.{name}.arch = {entry.arch!r}: unknown architecture "
-                f"(allowed: {', '.join(sorted(REGISTRY))})"
-            )
-            continue
         cls = model_class(entry.arch)
         if entry.levels not in cls.supported_levels:
             problems.append(
                 f"models.{name}.levels = {entry.levels}: {entry.arch} supports {list(cls.supported_levels)}"
             )
-        config_cls = cls.Config  # type: ignore[attr-defined]
-        names = [f.name for f in dataclasses.fields(config_cls)]
-        try:
-            TypeAdapter(config_cls).validate_python(entry.hparams)
-        except ValidationError as err:
-            problems += error_lines(err, config_cls, ("models", name, "hparams"), names)
         try:
             TypeAdapter(TrainParams).validate_python({**dataclasses.asdict(train.defaults), **entry.train})
         except ValidationError as err:
@@ -534,12 +554,12 @@ class DensityTraining:
             else data.train
         )
         torch.manual_seed(params.seed)  # model initialisation is part of the seeded run
-        model = build_model(entry.arch, data.image_shape, levels=entry.levels, **entry.hparams)
+        model = entry.build(data.image_shape)
         return cls(name, entry, params, model, data, train_set, device)
 
     def logged_params(self, binarize: BinarizeParams, world_size: int) -> dict[str, Any]:
         return {
-            "model": dataclasses.asdict(self.entry),
+            "model": as_plain(dataclasses.asdict(self.entry)),
             "train": dataclasses.asdict(self.params),
             "binarize": dataclasses.asdict(binarize),
             "num_parameters": sum(p.numel() for p in self.model.parameters()),

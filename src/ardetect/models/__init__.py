@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ardetect.configs import as_plain
 from ardetect.models.base import ARModel, MaskedLinear
@@ -44,12 +45,16 @@ def build_model(name: str, image_shape: Sequence[int], levels: int = 2, **hyperp
     return cls(image_shape, build_config(name, **hyperparams), levels)  # type: ignore[call-arg]
 
 
-def checkpoint_dict(model: ARModel, **extra: Any) -> dict[str, Any]:
-    """Everything needed to rebuild the model: name, shape, levels, resolved config and weights."""
+def checkpoint_dict(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """Everything needed to rebuild a model (a density model or the classifier): its ``name``, image
+    shape, levels (density models), resolved config and CPU weights; ``torch.load(weights_only=True)``
+    reads it back."""
+    shape: Sequence[int] = model.image_shape  # type: ignore[assignment]
+    header: dict[str, Any] = {"arch": model.name, "image_shape": list(shape)}
+    if isinstance(model, ARModel):
+        header["levels"] = model.levels
     return {
-        "arch": model.name,
-        "image_shape": list(model.image_shape),
-        "levels": model.levels,
+        **header,
         "config": as_plain(dataclasses.asdict(model.config)),  # type: ignore[call-overload]
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
