@@ -14,6 +14,11 @@ over an ordering ``o`` of the ``D = C*H*W`` positions (raster order unless the m
 
 ``log_prob`` is then exact and shared; sampling in the model's order is shared too, and models with a
 cheaper incremental path (RNN state, key/value caches) override ``sample``.
+
+Class-conditional models (``config.num_classes = K > 0``; the PixelCNN family, van den Oord et al. 2016)
+take labels ``y`` (B,) in ``forward(x, y)`` and model p(x | y). Their ``log_prob(x)`` is the exact
+marginal log p(x) = log Σ_y p(y) p(x | y) with the uniform prior p(y) = 1/K (K passes), so they are
+density models like the rest, and ``log_prob(x, y)`` is the conditional.
 """
 
 from __future__ import annotations
@@ -54,6 +59,30 @@ class ARModel(nn.Module):
             )
         self.image_shape: ImageShape = (shape[0], shape[1], shape[2])
         self.levels = int(levels)
+
+    @property
+    def num_classes(self) -> int:
+        """K for a class-conditional model p(x | y) (``config.num_classes``), 0 for p(x)."""
+        return int(getattr(getattr(self, "config", None), "num_classes", 0))
+
+    def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``forward``'s logits, with the labels ``y`` (B,) for a class-conditional model."""
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError(f"{self.name} is not class-conditional (num_classes = 0); pass no labels")
+            return self(x)  # type: ignore[no-any-return]
+        if y is None:
+            raise ValueError(
+                f"{self.name} is class-conditional: pass labels y (B,) in 0..{self.num_classes - 1}, "
+                "or use log_prob(x) for the marginal"
+            )
+        y = torch.as_tensor(y, device=x.device).long()
+        if y.shape != x.shape[:1] or (y.numel() and (y.min() < 0 or y.max() >= self.num_classes)):
+            raise ValueError(
+                f"labels must have shape ({x.shape[0]},) with values in 0..{self.num_classes - 1}, "
+                f"got shape {tuple(y.shape)}"
+            )
+        return self(x, y)  # type: ignore[no-any-return]
 
     @property
     def num_dims(self) -> int:
@@ -141,14 +170,29 @@ class ARModel(nn.Module):
             nll = F.cross_entropy(logits.float(), x.long(), reduction="none")  # (B, C, H, W)
         return -nll.flatten(1).sum(1)  # (B,)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """Natural-log likelihood of each image, shape (B,)."""
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Natural-log likelihood of each image, shape (B,): log p(x), or log p(x | y) given labels ``y``
+        (class-conditional models; without ``y`` they return the exact marginal)."""
         self.check_input(x)
-        return self.log_prob_from_logits(self(x), x)
+        if self.num_classes and y is None:
+            return torch.logsumexp(self.class_log_probs(x), dim=1) - math.log(self.num_classes)  # (B,)
+        return self.log_prob_from_logits(self.logits(x, y), x)
 
-    def training_nll(self, x: Tensor) -> Tensor:
-        """Mean NLL (nats per image) that training minimises; mixtures override this."""
-        return -self.log_prob(x).mean()
+    def class_log_probs(self, x: Tensor) -> Tensor:
+        """log p(x | y = k) for every class k, shape (B, K): one pass over the batch per class."""
+        self.check_input(x)
+        if not self.num_classes:
+            raise ValueError(f"{self.name} is not class-conditional (num_classes = 0)")
+        per_class = [
+            self.log_prob_from_logits(self(x, torch.full((x.shape[0],), k, device=x.device)), x)  # (B,)
+            for k in range(self.num_classes)
+        ]
+        return torch.stack(per_class, dim=1)  # (B, K)
+
+    def training_nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Mean NLL (nats per image) that training minimises: -log p(x | y) for class-conditional models
+        given labels (maximum likelihood on (x, y) pairs); mixtures override this."""
+        return -self.log_prob(x, y).mean()
 
     def bpd(self, x: Tensor) -> Tensor:
         """Bits per dimension: -log p(x) / (C*H*W*ln 2), shape (B,)."""
@@ -180,8 +224,12 @@ class ARModel(nn.Module):
         *,
         given: Tensor | None = None,
         mask: Tensor | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
         """Ancestral sampling in the model's order, one full forward pass per drawn position.
+
+        Class-conditional models draw from p(x | y) for the labels ``y`` (n,) (default: ``arange(n) % K``,
+        so a grid of 8 or 16 shows every class in turn).
 
         With ``given`` (levels, (n, C, H, W)) and ``mask`` (bool, True where a pixel is given; broadcast
         to ``given``'s shape), given pixels are kept and the others drawn in order, each conditioned on
@@ -193,11 +241,21 @@ class ARModel(nn.Module):
         flat, known = self.sample_start(n, given, mask, device)  # (n, D), (n, D) bool or None
         x = flat.view(n, *self.image_shape)  # (n, C, H, W), shares storage with flat
         done = known.all(0).tolist() if known is not None else [False] * self.num_dims  # given everywhere
+        y = self.sample_labels(n, y, device)
         for idx in self.order.tolist():
             if not done[idx]:
-                logits = self.position_logits(self(x), idx)
+                logits = self.position_logits(self.logits(x, y), idx)
                 self.place(flat, idx, self.sample_step(logits, generator), known)
         return x
+
+    def sample_labels(self, n: int, y: Tensor | None, device: torch.device) -> Tensor | None:
+        """The labels a class-conditional model uses for ``n`` images (``arange(n) % K`` by default); None,
+        and an error if labels were passed, for an unconditional model."""
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError(f"{self.name} is not class-conditional; sample without labels")
+            return None
+        return torch.arange(n, device=device) % self.num_classes if y is None else y.to(device).long()
 
     def sample_start(
         self,
@@ -262,6 +320,16 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.mask * self.weight, self.bias)
+
+
+def label_bias(num_classes: int, channels: int) -> nn.Embedding | None:
+    """A learned per-channel bias per class (conditional PixelCNN, van den Oord et al. 2016), or None
+    for an unconditional model. Zero at initialisation: training starts from the unconditional model."""
+    if not num_classes:
+        return None
+    table = nn.Embedding(num_classes, channels)
+    nn.init.zeros_(table.weight)
+    return table
 
 
 def shift_right(seq: Tensor, start: Tensor) -> Tensor:

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from ardetect.configs import config_dataclass
-from ardetect.models.base import ARModel, PixelLogitHead
+from ardetect.models.base import ARModel, PixelLogitHead, label_bias
 
 
 @config_dataclass
@@ -44,6 +44,7 @@ class GatedPixelCNNConfig:
     kernel_size: PositiveInt = 5  # k of the gated layers: a (k//2+1) x k vertical, 1 x (k//2+1) horizontal
     input_kernel_size: PositiveInt = 7  # the same for the input layer
     head_channels: PositiveInt = 64
+    num_classes: NonNegativeInt = 0  # > 0: class-conditional p(x | y), the label a per-channel bias per layer
 
     def __post_init__(self) -> None:
         for field in ("kernel_size", "input_kernel_size"):
@@ -72,7 +73,9 @@ def shift_down(h: Tensor) -> Tensor:
 class GatedLayer(nn.Module):
     """One gated layer of both stacks; the input layer (``first``) hides the pixel itself, no residual."""
 
-    def __init__(self, in_channels: int, channels: int, kernel_size: int, first: bool) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, kernel_size: int, first: bool, num_classes: int = 0
+    ) -> None:
         super().__init__()
         self.p, self.first = kernel_size // 2, first
         width = self.p if first else self.p + 1  # the input layer's row stops left of the pixel
@@ -81,11 +84,15 @@ class GatedLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_out = nn.Conv2d(channels, channels, 1)
         self.skip = nn.Conv2d(channels, channels, 1)
+        self.label = label_bias(num_classes, 4 * channels)  # V^T y inside both stacks' gates
 
-    def forward(self, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, v: Tensor, h: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         p, w = self.p, h.shape[-1]
         v_pre = self.v_conv(F.pad(v, (p, p, p, 0)))  # (B, 2ch, H, W): rows r-p..r, cols c-p..c+p
         h_pre = self.h_conv(F.pad(h, (p, 0)))[..., :w]  # (B, 2ch, H, W): row r, cols c-p..c (c-1 if first)
+        if self.label is not None and y is not None:
+            v_bias, h_bias = self.label(y)[:, :, None, None].chunk(2, dim=1)  # (B, 2ch, 1, 1) each
+            v_pre, h_pre = v_pre + v_bias, h_pre + h_bias
         h_gated = gate(h_pre + self.v_to_h(shift_down(v_pre)))  # (B, ch, H, W)
         h_new = self.h_out(h_gated) if self.first else h + self.h_out(h_gated)  # (B, ch, H, W)
         return gate(v_pre), h_new, self.skip(h_gated)
@@ -99,10 +106,10 @@ class GatedPixelCNN(ARModel):
     def __init__(self, image_shape: Sequence[int], config: GatedPixelCNNConfig, levels: int = 2) -> None:
         super().__init__(image_shape, levels)
         self.config = config
-        ch = config.channels
+        ch, k = config.channels, config.num_classes
         self.layers = nn.ModuleList(
-            [GatedLayer(1, ch, config.input_kernel_size, first=True)]
-            + [GatedLayer(ch, ch, config.kernel_size, first=False) for _ in range(config.layers - 1)]
+            [GatedLayer(1, ch, config.input_kernel_size, True, k)]
+            + [GatedLayer(ch, ch, config.kernel_size, False, k) for _ in range(config.layers - 1)]
         )
         self.head = PixelLogitHead(ch, config.head_channels, levels)
 
@@ -113,10 +120,11 @@ class GatedPixelCNN(ARModel):
         cfg = self.config
         return cfg.layers >= min_layers(height, width, cfg.kernel_size, cfg.input_kernel_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Logits of p(x), or of p(x | y) for labels ``y`` (B,) when ``config.num_classes > 0``."""
         v = h = self.scale_input(x)  # (B, 1, H, W)
-        v, h, skips = self.layers[0](v, h)  # (B, ch, H, W) each
+        v, h, skips = self.layers[0](v, h, y)  # (B, ch, H, W) each
         for layer in self.layers[1:]:
-            v, h, skip = layer(v, h)  # (B, ch, H, W) each
+            v, h, skip = layer(v, h, y)  # (B, ch, H, W) each
             skips = skips + skip
         return self.head(skips)  # (B, 1, H, W) or (B, levels, 1, H, W)

@@ -92,9 +92,10 @@ class MADE(ARModel):
             h = torch.relu(layer(h))  # (B, hidden)
         return self.layers[-1](h).view(x.shape)  # (B, C, H, W)
 
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Mixture over masks: logmeanexp of the per-mask exact log-likelihoods, shape (B,)."""
         self.check_input(x)
+        self.sample_labels(x.shape[0], y, x.device)  # unconditional: labels are an error
         current = self.mask_index
         per_mask = []
         for k in range(self.num_orderings):
@@ -104,9 +105,10 @@ class MADE(ARModel):
         stacked = torch.stack(per_mask)  # (K, B)
         return torch.logsumexp(stacked, 0) - math.log(self.num_orderings)  # (B,)
 
-    def training_nll(self, x: Tensor) -> Tensor:
+    def training_nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Order-agnostic training: each step uses the next mask in turn."""
         self.check_input(x)
+        self.sample_labels(x.shape[0], y, x.device)  # unconditional: labels are an error
         if self.num_orderings > 1:  # switch before the forward pass: backward needs this step's masks
             self.select_ordering(self._train_steps % self.num_orderings)
             self._train_steps += 1
@@ -128,6 +130,7 @@ class MADE(ARModel):
         *,
         given: Tensor | None = None,
         mask: Tensor | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
         """Sample the mixture: a uniformly drawn mask per image, then ancestral sampling in its order.
 
@@ -136,6 +139,7 @@ class MADE(ARModel):
         exactly from p(rest | given).
         """
         device = self.orders.device
+        self.sample_labels(n, y, torch.device("cpu"))  # unconditional: labels are an error
         flat, known = self.sample_start(n, given, mask, device)  # validates before any draw
         current = self.mask_index
         comp = torch.randint(self.num_orderings, (n,), generator=generator, device=device)

@@ -16,11 +16,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from ardetect.configs import config_dataclass
-from ardetect.models.base import ARModel, PixelLogitHead
+from ardetect.models.base import ARModel, PixelLogitHead, label_bias
 
 
 @config_dataclass
@@ -30,6 +30,7 @@ class PixelCNNConfig:
     kernel_size: PositiveInt = 7  # the mask-A input convolution
     block_kernel_size: PositiveInt = 3  # the mask-B convolution inside each block
     head_channels: PositiveInt = 64  # the 1x1 ReLU output layers
+    num_classes: NonNegativeInt = 0  # > 0: class-conditional p(x | y), the label a per-channel bias per layer
 
     def __post_init__(self) -> None:
         for field in ("kernel_size", "block_kernel_size"):
@@ -69,16 +70,19 @@ class MaskedConv2d(nn.Conv2d):
 class ResidualBlock(nn.Module):
     """ReLU-1x1 down to half width, ReLU-kxk mask B, ReLU-1x1 back up, added to the stream."""
 
-    def __init__(self, channels: int, kernel_size: int) -> None:
+    def __init__(self, channels: int, kernel_size: int, num_classes: int = 0) -> None:
         super().__init__()
         half = max(channels // 2, 1)
         self.down = nn.Conv2d(channels, half, 1)
         self.conv = MaskedConv2d(half, half, kernel_size, "B")
         self.up = nn.Conv2d(half, channels, 1)
+        self.label = label_bias(num_classes, half)
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, y: Tensor | None = None) -> Tensor:
         out = self.down(F.relu(h))  # (B, ch/2, H, W)
         out = self.conv(F.relu(out))  # (B, ch/2, H, W)
+        if self.label is not None and y is not None:
+            out = out + self.label(y)[:, :, None, None]  # the label's per-channel bias, (B, ch/2, 1, 1)
         return h + self.up(F.relu(out))  # (B, ch, H, W)
 
 
@@ -92,15 +96,24 @@ class PixelCNN(ARModel):
         self.config = config
         ch = config.channels
         self.input_conv = MaskedConv2d(1, ch, config.kernel_size, "A")
-        blocks = (ResidualBlock(ch, config.block_kernel_size) for _ in range(config.blocks))
+        k = config.num_classes
+        blocks = (ResidualBlock(ch, config.block_kernel_size, k) for _ in range(config.blocks))
         self.blocks = nn.Sequential(*blocks)
+        self.input_label, self.head_label = label_bias(k, ch), label_bias(k, ch)
         self.head = PixelLogitHead(ch, config.head_channels, levels, matmul_last=True)
         # Channels-last weights and activations: oneDNN's convolutions then run without reordering
         # NCHW tensors to and from its blocked layout in every call, forward and backward (1.4x training
         # throughput per core at the default size). Values, state_dict keys and initialisation unchanged.
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Logits of p(x), or of p(x | y) for labels ``y`` (B,) when ``config.num_classes > 0``."""
         x = self.scale_input(x).contiguous(memory_format=torch.channels_last)  # (B, 1, H, W)
         h = self.input_conv(x)  # (B, ch, H, W), channels-last
-        return self.head(self.blocks(h))  # (B, 1, H, W) or (B, levels, 1, H, W), NCHW-contiguous
+        if self.input_label is None or y is None:
+            return self.head(self.blocks(h))  # (B, 1, H, W) or (B, levels, 1, H, W), NCHW-contiguous
+        assert self.head_label is not None
+        h = h + self.input_label(y)[:, :, None, None]  # (B, ch, H, W)
+        for block in self.blocks:
+            h = block(h, y)  # (B, ch, H, W)
+        return self.head(h + self.head_label(y)[:, :, None, None])  # as above

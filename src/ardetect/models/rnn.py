@@ -70,9 +70,11 @@ class RasterLSTM(ARModel):
         *,
         given: Tensor | None = None,
         mask: Tensor | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
         """Ancestral sampling carrying the LSTM state: D single steps instead of D full passes
         (``given``/``mask``: keep those pixels, as in ``ARModel.sample``)."""
+        self.sample_labels(n, y, torch.device("cpu"))  # unconditional: labels are an error
         flat, known = self.sample_start(n, given, mask, self.pos.device)  # (n, D), (n, D) bool or None
         state: tuple[Tensor, Tensor] | None = None
         prev: Tensor | None = None

@@ -104,6 +104,7 @@ class PixelTransformer(ARModel):
         *,
         given: Tensor | None = None,
         mask: Tensor | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
         """Ancestral sampling with a key/value cache (as in eval mode: no dropout); ``given``/``mask``:
         keep those pixels, as in ``ARModel.sample``."""
@@ -111,6 +112,7 @@ class PixelTransformer(ARModel):
         shape = (n, cfg.heads, self.num_dims, cfg.d_model // cfg.heads)  # per layer, keys and values
         blocks = cast("list[Block]", list(self.blocks))
         caches = [torch.zeros(2, *shape, device=dev, dtype=dtype) for _ in blocks]
+        self.sample_labels(n, y, torch.device("cpu"))  # unconditional: labels are an error
         flat, known = self.sample_start(n, given, mask, dev, dtype)  # (n, D), (n, D) bool or None
         for t in range(self.num_dims):
             token = self.start if t == 0 else self.value(self.scale_input(flat[:, t - 1, None]))  # (n, d)

@@ -1,0 +1,152 @@
+"""Class-conditional density models p(x | y): causal and normalised for every class, an exact marginal
+p(x) = (1/K) Σ_y p(x | y), samples from p(x | y), and clear errors when labels are missing or spurious.
+
+The architectures under test are every registered one whose config has ``num_classes`` (the PixelCNN
+family), so a newly conditional architecture joins these checks by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from scipy import stats
+from toys import TINY, all_images, randomize
+
+from ardetect.models import REGISTRY, ARModel, build_model
+
+K = 3
+CONDITIONAL = sorted(
+    name
+    for name, cls in REGISTRY.items()
+    if "num_classes" in {f.name for f in dataclasses.fields(cls.Config)}  # type: ignore[attr-defined]
+)
+CASES = [(name, levels) for name in CONDITIONAL for levels in REGISTRY[name].supported_levels]
+IDS = [f"{n}-{lv}" for n, lv in CASES]
+
+
+def conditional_model(name: str, shape: tuple[int, int, int], levels: int, seed: int = 0) -> ARModel:
+    torch.manual_seed(seed)
+    model = build_model(name, shape, levels=levels, num_classes=K, **TINY[name].hparams)
+    randomize(model)  # the label tables start at zero: randomise them so the classes differ
+    return model.eval()
+
+
+def test_the_pixelcnn_family_is_conditional() -> None:
+    assert {"pixelcnn", "gated_pixelcnn"} <= set(CONDITIONAL)
+
+
+@pytest.mark.parametrize(("name", "levels"), CASES, ids=IDS)
+def test_causal_by_gradients_for_every_class(name: str, levels: int) -> None:
+    """For each label, the logits at pixel i depend on no input at or after i (the label is no pixel)."""
+    shape = (1, 3, 4)
+    model = conditional_model(name, shape, levels)
+    d = math.prod(shape)
+    x = torch.randint(0, levels, (2, *shape)).float()
+    for label in range(K):
+        y = torch.full((2,), label)
+        for pos in range(d):
+            xg = x.clone().requires_grad_(True)
+            logits = model.logits(xg, y)
+            out = logits.flatten(1)[:, pos] if levels == 2 else logits.flatten(2)[:, :, pos]
+            weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(pos))
+            (grad,) = torch.autograd.grad((out * weight).sum(), xg)
+            dep = grad.abs().sum(0).flatten() > 0  # (D,)
+            assert not dep[pos:].any(), f"{name} y={label}: logits at {pos} see inputs at/after it"
+
+
+@pytest.mark.parametrize("name", CONDITIONAL)
+def test_every_class_and_the_marginal_sum_to_one(name: str) -> None:
+    """All 2^9 binary 3x3 images: Σ_x p(x | y) = 1 for each y, and Σ_x p(x) = 1 for the marginal."""
+    model = conditional_model(name, (1, 3, 3), 2)
+    images = all_images((1, 3, 3), 2)
+    with torch.no_grad():
+        per_class = model.class_log_probs(images).double()  # (512, K)
+        marginal = model.log_prob(images).double()  # (512,)
+    torch.testing.assert_close(per_class.exp().sum(0), torch.ones(K, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert marginal.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+    # the classes really differ (a model ignoring y would pass the sums too)
+    assert (per_class[:, 0] - per_class[:, 1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", CONDITIONAL)
+def test_256_levels_every_class_sums_to_one(name: str) -> None:
+    """All 256^2 8-bit 1x2 images for one class, and the marginal: total probability 1."""
+    model = conditional_model(name, (1, 1, 2), 256)
+    images = all_images((1, 1, 2), 256)
+    with torch.no_grad():
+        for_class = model.log_prob(images, torch.full((len(images),), K - 1)).double()
+        marginal = model.log_prob(images).double()
+    assert for_class.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert marginal.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(("name", "levels"), CASES, ids=IDS)
+def test_marginal_is_the_uniform_mixture_of_the_conditionals(name: str, levels: int) -> None:
+    """log p(x) = log (1/K) Σ_y p(x | y), computed here one label at a time with plain logits."""
+    model = conditional_model(name, (1, 4, 4), levels)
+    x = torch.randint(0, levels, (5, 1, 4, 4)).float()
+    with torch.no_grad():
+        rows = []
+        for label in range(K):
+            logits = model(x, torch.full((5,), label))
+            if levels == 2:
+                ll = -torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
+            else:
+                ll = -torch.nn.functional.cross_entropy(logits, x.long(), reduction="none")
+            rows.append(ll.flatten(1).sum(1).double())
+        expected = torch.logsumexp(torch.stack(rows, 1), 1) - math.log(K)
+        got = model.log_prob(x).double()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONDITIONAL)
+def test_samples_follow_the_class_conditional(name: str) -> None:
+    """20,000 draws of binary 2x2 images given y = 1 against exp(log p(x | 1)) (chi-square), and a
+    class that differs from it (so a sampler ignoring y fails)."""
+    model = conditional_model(name, (1, 2, 2), 2, seed=3)
+    n = 20_000
+    samples = model.sample(n, torch.Generator().manual_seed(0), y=torch.ones(n, dtype=torch.long))
+    codes = (samples.flatten(1) * torch.tensor([8.0, 4.0, 2.0, 1.0])).sum(1).long()  # (n,) image index
+    observed = torch.bincount(codes, minlength=16).double()
+    images = all_images((1, 2, 2), 2)  # lexicographic: index == code
+    with torch.no_grad():
+        probs = model.class_log_probs(images).double().exp()  # (16, K)
+    expected = probs[:, 1] / probs[:, 1].sum() * n  # normalised in float64 (sums to 1 within 1e-7)
+    assert stats.chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+    other = probs[:, 0] / probs[:, 0].sum() * n
+    assert stats.chisquare(observed.numpy(), other.numpy()).pvalue < 1e-6, "labels must change samples"
+
+
+def test_default_sample_grid_cycles_through_the_classes() -> None:
+    model = conditional_model("pixelcnn", (1, 2, 2), 2)
+    assert model.sample_labels(7, None, torch.device("cpu")).tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_labels_are_checked() -> None:
+    cond = conditional_model("pixelcnn", (1, 3, 3), 2)
+    plain = build_model("pixelcnn", (1, 3, 3), channels=4, blocks=1, head_channels=4)
+    x = torch.zeros(2, 1, 3, 3)
+    with pytest.raises(ValueError, match="class-conditional: pass labels"):
+        cond.logits(x)
+    with pytest.raises(ValueError, match=r"values in 0\.\.2"):
+        cond.log_prob(x, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        cond.log_prob(x, torch.tensor([0]))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        plain.log_prob(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        plain.class_log_probs(x)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        build_model("made", (1, 3, 3), hidden=[8]).sample(2, y=torch.tensor([0, 1]))
+
+
+def test_unconditional_weights_are_unchanged_by_the_option() -> None:
+    """num_classes = 0 keeps the architecture's parameters (and checkpoints) exactly as before."""
+    for name in CONDITIONAL:
+        hp = TINY[name].hparams
+        plain = {k for k, _ in build_model(name, (1, 4, 4), **hp).named_parameters()}
+        cond = {k for k, _ in build_model(name, (1, 4, 4), num_classes=K, **hp).named_parameters()}
+        assert plain < cond and all("label" in k for k in cond - plain), name
