@@ -391,6 +391,8 @@ class TrainingData:
     val: torch.Tensor
     test: torch.Tensor
     image_shape: tuple[int, int, int]
+    labels: dict[str, torch.Tensor]  # per split (int64): what a class-conditional model is trained on
+    num_classes: int
 
 
 def training_data(
@@ -405,4 +407,6 @@ def training_data(
     if levels == 2 and mode == "dynamic" and resample_train:
         train = bernoulli_resampler(torch.from_numpy(arrays["train"]["gray"]).to(device), seed)
     c, h, w = tensors["test"].shape[1:]
-    return TrainingData(train, tensors["val"], tensors["test"], (c, h, w))
+    labels = {name: torch.from_numpy(a["labels"]).long() for name, a in arrays.items()}
+    num_classes = int(max(int(t.max()) for t in labels.values() if t.numel())) + 1
+    return TrainingData(train, tensors["val"], tensors["test"], (c, h, w), labels, num_classes)

@@ -337,8 +337,12 @@ class StageRun:
         )
         training = model.training
         model.eval()
-        with torch.no_grad():
-            logits = model(example)  # (2, C, H, W) Bernoulli, (2, levels, C, H, W), or (2, classes)
+        described: dict[str, Any] = {}
+        if not getattr(model, "num_classes", 0):  # pyfunc passes one input: a p(x | y) model has two
+            with torch.no_grad():
+                logits = model(example)  # (2, C, H, W) Bernoulli, (2, levels, C, H, W), or (2, classes)
+            signature = infer_signature(example.numpy(), logits.float().numpy())
+            described = {"signature": signature, "input_example": example.numpy()}
         model.train(training)
         # pickle keeps the whole ARModel (log_prob, sample), not just a traced forward graph; the
         # checkpoints DVC tracks are the safe, weights-only copy.
@@ -348,8 +352,7 @@ class StageRun:
             name=name or self.stage.rpartition("@")[2],
             serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            signature=infer_signature(example.numpy(), logits.float().numpy()),
-            input_example=example.numpy(),
+            **described,
         )
 
 

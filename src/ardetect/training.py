@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ class TrainParams:
     compile: bool = False
     channels_last: bool = False  # conv models on CUDA: measured +6-8% PixelCNN training on an H200
     num_samples: PositiveInt = 16
+    # class-conditional models: test images (the first N) for the marginal NLL and the generative
+    # classifier's accuracy, K passes each (null: the whole test split); the conditional NLL uses all
+    marginal_test_images: PositiveInt | None = 2000
     progress: bool = True
 
 
@@ -97,14 +101,25 @@ class EntryBase:
     # Ren et al. (2019)'s background model: this fraction of training pixels is mutated afresh each epoch
     # (``data.mutation_resampler``). A model with mutation_rate > 0 is a background, never a detector.
     mutation_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # a class-conditional model p(x | y) (the PixelCNN family): trained on (image, label) pairs; scored
+    # by its exact marginal p(x) = (1/K) Σ_y p(x | y), its BPD given the classifier's label, and both
+    conditional: bool = False
 
     @property
     def is_background(self) -> bool:
         return self.mutation_rate > 0
 
-    def build(self, image_shape: Sequence[int]) -> ARModel:
-        """The model this entry describes, with fresh weights (seed the RNG first for a seeded run)."""
-        return model_class(self.arch)(image_shape, self.hparams, self.levels)  # type: ignore[call-arg]
+    def build(self, image_shape: Sequence[int], num_classes: int = 0) -> ARModel:
+        """The model this entry describes, with fresh weights (seed the RNG first for a seeded run);
+        a conditional entry models ``num_classes`` classes (the dataset's)."""
+        config = self.hparams
+        if self.conditional:
+            if num_classes < 2:
+                raise ValueError(
+                    f"a conditional {self.arch} needs the dataset's class count, got {num_classes}"
+                )
+            config = dataclasses.replace(config, num_classes=num_classes)
+        return model_class(self.arch)(image_shape, config, self.levels)  # type: ignore[call-arg]
 
 
 def _entry_class(cls: type[ARModel]) -> type[EntryBase]:
@@ -151,6 +166,11 @@ def model_train_params(defaults: TrainParams, entry: ModelEntry) -> TrainParams:
     return dataclasses.replace(defaults, **entry.train)
 
 
+def _takes_labels(entry_class: type[EntryBase]) -> bool:
+    config = typing.get_type_hints(entry_class)["hparams"]
+    return "num_classes" in {f.name for f in dataclasses.fields(config)}
+
+
 def model_problems(train: TrainSection, models: dict[str, ModelEntry]) -> list[str]:
     """What is wrong with the models to train: unknown names, architectures, levels, hparams, overrides."""
     problems = [
@@ -158,12 +178,24 @@ def model_problems(train: TrainSection, models: dict[str, ModelEntry]) -> list[s
         for i, name in enumerate(train.models)
         if name not in models
     ]
+    conditional_archs = sorted(a for a, c in ENTRY_CLASSES.items() if _takes_labels(c))
     for name, entry in models.items():
         cls = model_class(entry.arch)
         if entry.levels not in cls.supported_levels:
             problems.append(
                 f"models.{name}.levels = {entry.levels}: {entry.arch} supports {list(cls.supported_levels)}"
             )
+        if entry.conditional and entry.arch not in conditional_archs:
+            problems.append(
+                f"models.{name}.conditional = true: {entry.arch} has no class-conditional form "
+                f"(conditional architectures: {', '.join(conditional_archs)})"
+            )
+        if getattr(entry.hparams, "num_classes", 0):
+            problems.append(
+                f"models.{name}.hparams.num_classes: set by the data; write `conditional: true` instead"
+            )
+        if entry.conditional and entry.is_background:
+            problems.append(f"models.{name}: a background model (mutation_rate > 0) cannot be conditional")
         try:
             TypeAdapter(TrainParams).validate_python({**dataclasses.asdict(train.defaults), **entry.train})
         except ValidationError as err:
@@ -180,7 +212,7 @@ class ResumeIgnoredWarning(UserWarning):
 #: Bumped when the layout of the resume file changes; older files are then ignored.
 RESUME_FORMAT = 1
 #: Train settings that do not change the training trajectory, so changing them keeps a run resumable.
-_NOT_IN_RUN_IDENTITY = frozenset({"progress", "num_samples"})
+_NOT_IN_RUN_IDENTITY = frozenset({"progress", "num_samples", "marginal_test_images"})
 
 
 @dataclass(frozen=True)
@@ -199,30 +231,50 @@ class _TrainingLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.training_nll(x)
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.model.training_nll(x, y)
 
 
 @torch.inference_mode()
-def evaluate_nll(model: ARModel, data: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """Per-image NLL in nats (float64, on the CPU), exact: no autocast at evaluation."""
+def evaluate_nll(
+    model: ARModel, data: Tensor, batch_size: int, device: torch.device, labels: Tensor | None = None
+) -> Tensor:
+    """Per-image NLL in nats (float64, on the CPU), exact: no autocast at evaluation. With ``labels``
+    (class-conditional models) the conditional -log p(x | y), without them -log p(x)."""
     model.eval()
-    out = [
-        -model.log_prob(data[i : i + batch_size].to(device)).double().cpu()
-        for i in range(0, len(data), batch_size)
-    ]
+    out = []
+    for i in range(0, len(data), batch_size):
+        y = None if labels is None else labels[i : i + batch_size].to(device)
+        out.append(-model.log_prob(data[i : i + batch_size].to(device), y).double().cpu())
     return torch.cat(out)  # (N,)
 
 
-def mean_nll(model: ARModel, data: Tensor, batch_size: int, device: torch.device, ranks: Ranks) -> float:
+@torch.inference_mode()
+def evaluate_class_log_probs(model: ARModel, data: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """log p(x | y = k) of a class-conditional model for every image and class, (N, K) float64 on the CPU."""
+    model.eval()
+    rows = max(1, batch_size // model.num_classes)  # images per step: K model rows each
+    chunks = [data[i : i + rows].to(device) for i in range(0, len(data), rows)]
+    return torch.cat([model.class_log_probs(x).double().cpu() for x in chunks])  # (N, K)
+
+
+def mean_nll(
+    model: ARModel,
+    data: Tensor,
+    batch_size: int,
+    device: torch.device,
+    ranks: Ranks,
+    labels: Tensor | None = None,
+) -> float:
     """Mean per-image NLL of ``data``; with several ranks each evaluates one shard and the sums are
     all-reduced, so every rank gets the same value (and makes the same early-stopping decisions)."""
     if not ranks.distributed:
-        return evaluate_nll(model, data, batch_size, device).mean().item()
+        return evaluate_nll(model, data, batch_size, device, labels).mean().item()
     shard = ranks.shard(data)
     total = torch.zeros((), dtype=torch.float64, device=device)
     if len(shard):
-        total += evaluate_nll(model, shard, batch_size, device).sum().to(device)
+        shard_labels = None if labels is None else ranks.shard(labels)  # the same split as the images
+        total += evaluate_nll(model, shard, batch_size, device, shard_labels).sum().to(device)
     return ranks.sum(total).item() / len(data)
 
 
@@ -273,20 +325,25 @@ class _Likelihood(Task):
         device: torch.device,
         ranks: Ranks,
         checkpoint_path: Path,
+        labels: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         self.model, self.train, self.first, self.val = model, train, first, val
+        self.labels = labels  # (train, val) labels of a class-conditional model: MLE on (x, y) pairs
         self.eval_batch_size, self.device, self.ranks = params.eval_batch_size, device, ranks
         self.checkpoint_path = checkpoint_path
         self.trainer = ranks.wrap(_TrainingLoss(model))
 
-    def draw(self, epoch: int) -> tuple[Tensor]:
-        return (self.first if epoch == 1 or not callable(self.train) else self.train(epoch),)
+    def draw(self, epoch: int) -> tuple[Tensor, ...]:
+        images = self.first if epoch == 1 or not callable(self.train) else self.train(epoch)
+        return (images,) if self.labels is None else (images, self.labels[0])
 
     def loss(self, *batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.trainer(batch[0]), {}  # mean NLL over this rank's images
+        return self.trainer(*batch), {}  # mean NLL over this rank's images (given their labels)
 
     def evaluate(self) -> dict[str, float]:
-        return {"val_nll": mean_nll(self.model, self.val, self.eval_batch_size, self.device, self.ranks)}
+        val_labels = None if self.labels is None else self.labels[1]
+        nll = mean_nll(self.model, self.val, self.eval_batch_size, self.device, self.ranks, val_labels)
+        return {"val_nll": nll}
 
     def record(self, stats: EpochStats) -> dict[str, float]:
         train_nll, val_nll, dims = stats.train["loss"], stats.val["val_nll"], self.model.num_dims
@@ -325,8 +382,12 @@ def fit(
     checkpoint_extra: dict[str, Any] | None = None,
     resume_path: Path | None = None,
     on_resume: Callable[[list[dict[str, float]]], None] | None = None,
+    labels: tuple[Tensor, Tensor] | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the best validation weights.
+
+    A class-conditional model (``model.num_classes > 0``) needs ``labels`` = (train labels, val labels):
+    it maximises log p(x | y) on the pairs, and validation NLL is the conditional one.
 
     ``train`` is a fixed tensor of images or ``draw(epoch) -> images`` (fresh dynamic binarisation;
     it must be a function of ``epoch`` and the global torch RNG only). The best checkpoint is written
@@ -361,13 +422,18 @@ def fit(
     sched = _scheduler(opt, params, math.ceil(n / params.batch_size) * params.epochs)
     plan = _plan(model, params, device)
     state = TrainState(model, opt, sched, gen, device, best_value=plan.worst)
+    if bool(model.num_classes) != (labels is not None):
+        raise ValueError(f"{model.name}: pass labels exactly when the model is class-conditional")
+    labels = None if labels is None else (labels[0].to(device), labels[1].to(device))
     identity = (
-        _run_identity(model, params, checkpoint_extra, first, val) if resume_path and ranks.lead else {}
+        _run_identity(model, params, checkpoint_extra, first, val, labels)
+        if resume_path and ranks.lead
+        else {}
     )
     if resume_path is not None:
         _resume(state, resume_path, identity, checkpoint_path, ranks, on_resume)
     extra = {**(checkpoint_extra or {}), "train_params": dataclasses.asdict(params)}
-    task = _Likelihood(model, train, first, val, params, device, ranks, checkpoint_path)
+    task = _Likelihood(model, train, first, val, params, device, ranks, checkpoint_path, labels)
     for record in train_epochs(state, task, plan, ranks):
         if not ranks.lead:
             continue
@@ -449,11 +515,18 @@ def _digest(tensors: dict[str, Tensor]) -> str:
 
 
 def _run_identity(
-    model: ARModel, params: TrainParams, extra: dict[str, Any] | None, first: Tensor, val: Tensor
+    model: ARModel,
+    params: TrainParams,
+    extra: dict[str, Any] | None,
+    first: Tensor,
+    val: Tensor,
+    labels: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
     """What a resume file must match to continue this run (plain data, readable in a warning)."""
     train = dataclasses.asdict(params)
+    labelled = {} if labels is None else {"labels": _digest({"train": labels[0], "val": labels[1]})}
     return {
+        **labelled,
         "format": RESUME_FORMAT,
         "arch": model.name,
         "image_shape": list(model.image_shape),
@@ -554,7 +627,7 @@ class DensityTraining:
             else data.train
         )
         torch.manual_seed(params.seed)  # model initialisation is part of the seeded run
-        model = entry.build(data.image_shape)
+        model = entry.build(data.image_shape, data.num_classes)
         return cls(name, entry, params, model, data, train_set, device)
 
     def logged_params(self, binarize: BinarizeParams, world_size: int) -> dict[str, Any]:
@@ -590,16 +663,41 @@ class DensityTraining:
             checkpoint_extra={"name": self.name},
             resume_path=checkpoints / "last.pt",
             on_resume=resumed,
+            labels=(self.data.labels["train"], self.data.labels["val"]) if self.model.num_classes else None,
         )
 
     def metrics(self, result: FitResult) -> dict[str, float]:
-        """Test NLL/BPD of the best weights, with the fit's summary (data/metrics/train/<name>.json)."""
-        test_nll = (
-            evaluate_nll(self.model, self.data.test, self.params.eval_batch_size, self.device).mean().item()
+        """Test NLL/BPD of the best weights, with the fit's summary (data/metrics/train/<name>.json).
+
+        A class-conditional model's test NLL is its marginal's, on the first ``marginal_test_images`` test
+        images (K passes each); it also reports the conditional NLL on the whole test split and the
+        accuracy of its generative classifier argmax_y p(x | y) on the marginal's images."""
+        model, test, batch, dims = (
+            self.model,
+            self.data.test,
+            self.params.eval_batch_size,
+            self.model.num_dims,
         )
+        extra: dict[str, float] = {}
+        if model.num_classes:
+            n = min(len(test), self.params.marginal_test_images or len(test))
+            per_class = evaluate_class_log_probs(model, test[:n], batch, self.device)  # (n, K)
+            marginal = torch.logsumexp(per_class, 1) - math.log(model.num_classes)  # (n,)
+            test_nll = -marginal.mean().item()
+            labels = self.data.labels["test"]
+            cond_nll = evaluate_nll(model, test, batch, self.device, labels).mean().item()
+            extra = {
+                "test_marginal_images": float(n),
+                "test_cond_nll": cond_nll,
+                "test_cond_bpd": nats_to_bpd(cond_nll, dims),
+                "gen_accuracy": (per_class.argmax(1) == labels[:n]).double().mean().item(),
+            }
+        else:
+            test_nll = evaluate_nll(model, test, batch, self.device).mean().item()
         return {
             "test_nll": test_nll,
-            "test_bpd": nats_to_bpd(test_nll, self.model.num_dims),
+            "test_bpd": nats_to_bpd(test_nll, dims),
+            **extra,
             "best_val_nll": result.best_val_nll,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),

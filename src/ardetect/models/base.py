@@ -65,6 +65,12 @@ class ARModel(nn.Module):
         """K for a class-conditional model p(x | y) (``config.num_classes``), 0 for p(x)."""
         return int(getattr(getattr(self, "config", None), "num_classes", 0))
 
+    def missing_labels(self) -> ValueError:
+        return ValueError(
+            f"{self.name} is class-conditional: pass labels y (B,) in 0..{self.num_classes - 1}, "
+            "or use log_prob(x) for the marginal"
+        )
+
     def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``forward``'s logits, with the labels ``y`` (B,) for a class-conditional model."""
         if not self.num_classes:
@@ -72,10 +78,7 @@ class ARModel(nn.Module):
                 raise ValueError(f"{self.name} is not class-conditional (num_classes = 0); pass no labels")
             return self(x)  # type: ignore[no-any-return]
         if y is None:
-            raise ValueError(
-                f"{self.name} is class-conditional: pass labels y (B,) in 0..{self.num_classes - 1}, "
-                "or use log_prob(x) for the marginal"
-            )
+            raise self.missing_labels()
         y = torch.as_tensor(y, device=x.device).long()
         if y.shape != x.shape[:1] or (y.numel() and (y.min() < 0 or y.max() >= self.num_classes)):
             raise ValueError(

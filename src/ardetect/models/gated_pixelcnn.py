@@ -45,6 +45,7 @@ class GatedPixelCNNConfig:
     input_kernel_size: PositiveInt = 7  # the same for the input layer
     head_channels: PositiveInt = 64
     num_classes: NonNegativeInt = 0  # > 0: class-conditional p(x | y), the label a per-channel bias per layer
+    label_maps: bool = True  # conditional models: also a learned (ch, H, W) map per class at the head
 
     def __post_init__(self) -> None:
         for field in ("kernel_size", "input_kernel_size"):
@@ -112,6 +113,8 @@ class GatedPixelCNN(ARModel):
             + [GatedLayer(ch, ch, config.kernel_size, False, k) for _ in range(config.layers - 1)]
         )
         self.head = PixelLogitHead(ch, config.head_channels, levels)
+        maps = torch.zeros(k, ch, *self.image_shape[1:]) if k and config.label_maps else None
+        self.label_maps = nn.Parameter(maps) if maps is not None else None  # (K, ch, H, W)
 
     @property
     def covers_all_pixels(self) -> bool:
@@ -122,9 +125,13 @@ class GatedPixelCNN(ARModel):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Logits of p(x), or of p(x | y) for labels ``y`` (B,) when ``config.num_classes > 0``."""
+        if self.config.num_classes and y is None:
+            raise self.missing_labels()
         v = h = self.scale_input(x)  # (B, 1, H, W)
         v, h, skips = self.layers[0](v, h, y)  # (B, ch, H, W) each
         for layer in self.layers[1:]:
             v, h, skip = layer(v, h, y)  # (B, ch, H, W) each
             skips = skips + skip
+        if self.label_maps is not None and y is not None:
+            skips = skips + self.label_maps[y]  # location-dependent conditioning, (B, ch, H, W)
         return self.head(skips)  # (B, 1, H, W) or (B, levels, 1, H, W)
