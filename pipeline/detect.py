@@ -27,7 +27,7 @@ class StageParams:
 def main() -> None:
     params = load_sections(StageParams)
     p = params.detect
-    scores = pd.read_parquet(layout.SCORES)
+    scores = detection.with_combined(pd.read_parquet(layout.SCORES))  # + conditional models' union
     with stage_run("detect", params.tracking, params=dataclasses.asdict(p), inputs=[layout.SCORES]) as run:
         table = detection.detection_table(
             scores, fpr=p.fpr, alpha=p.alpha, n_boot=p.n_boot, seed=p.seed, level=p.level

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -154,3 +155,86 @@ def test_unconditional_weights_are_unchanged_by_the_option() -> None:
         plain = {k for k, _ in build_model(name, (1, 4, 4), **hp).named_parameters()}
         cond = {k for k, _ in build_model(name, (1, 4, 4), num_classes=K, **hp).named_parameters()}
         assert plain < cond and all("label" in k for k in cond - plain), name
+
+
+# ----------------------------------------------------------------------------- scores and the detector
+
+
+def test_scores_are_exact_on_a_tiny_model() -> None:
+    """Marginal, label and disagreement scores against explicit per-class log_prob calls; the
+    generative posterior they imply sums to one over the labels."""
+    from ardetect.conditional import class_log_probs, conditional_scores
+
+    model = conditional_model("pixelcnn", (1, 2, 3), 256)
+    x = torch.randint(0, 256, (7, 1, 2, 3)).float()
+    pred = np.array([0, 1, 2, 0, 1, 2, 2])
+    per_class = class_log_probs(model, x, batch_size=4)  # (7, K), in chunks of one image
+    with torch.no_grad():
+        explicit = torch.stack([model.log_prob(x, torch.full((7,), k)) for k in range(K)], 1).double()
+    np.testing.assert_allclose(per_class, explicit.numpy(), atol=1e-4)
+    bits = 6 * math.log(2)
+    s = conditional_scores(per_class, pred, 6)
+    marginal = -(np.log(np.exp(explicit.numpy()).sum(1) / K)) / bits
+    np.testing.assert_allclose(s[""], marginal, rtol=1e-6)  # float32 passes, batched differently
+    np.testing.assert_allclose(s["-pred"], -explicit.numpy()[np.arange(7), pred] / bits, rtol=1e-6)
+    posterior = np.stack(
+        [np.exp(-conditional_scores(per_class, np.full(7, k), 6)["-disagree"] * bits) for k in range(K)], 1
+    )
+    np.testing.assert_allclose(posterior.sum(1), 1.0, atol=1e-9)
+    bayes = np.exp(explicit.numpy() - explicit.logsumexp(1, keepdim=True).numpy())  # p(x|y) / Σ p(x|y')
+    np.testing.assert_allclose(posterior, bayes, atol=1e-5)
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        conditional_scores(per_class, np.full(7, 3), 6)
+
+
+def test_score_table_writes_the_three_conditional_scores() -> None:
+    from ardetect.scoring import ImageSet, ScoreConfig, score_table
+
+    model = conditional_model("pixelcnn", (1, 2, 3), 256)
+    images = np.random.default_rng(0).integers(0, 256, (5, 1, 2, 3), dtype=np.uint8)
+    ids, labels = np.arange(5), np.array([0, 1, 2, 0, 1])
+    sets = [ImageSet("test", images, ids, labels, labels)]
+    table, speed = score_table({"c": (model, None)}, sets, ScoreConfig(batch_size=6), progress=False)
+    assert list(dict.fromkeys(table["model"])) == ["c", "c-pred", "c-disagree"] and list(speed) == ["c"]
+    with torch.no_grad():
+        ll = model.log_prob(torch.from_numpy(images).float(), torch.from_numpy(labels)).double().numpy()
+    np.testing.assert_allclose(
+        table.loc[table["model"] == "c-pred", "bpd"], -ll / (6 * math.log(2)), rtol=1e-6
+    )
+
+
+def test_the_combined_detector_is_the_smaller_calibrated_pvalue() -> None:
+    """-log10 min(p_marginal, p_disagree), each ranked against its own calib rows."""
+    import pandas as pd
+
+    from ardetect.detection import pvalues, with_combined
+
+    rng = np.random.default_rng(0)
+
+    def rows(model: str, values: np.ndarray, source: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "image_id": np.arange(len(values)),
+                "source": source,
+                "attack": None,
+                "epsilon": np.nan,
+                "model": model,
+                "bpd": values,
+                "bpd_se": 0.0,
+                "label": 0,
+                "prediction": 0,
+                "success": pd.array([pd.NA] * len(values), dtype="boolean"),
+            }
+        )
+
+    source = np.array(["calib"] * 50 + ["test"] * 10)
+    marg, dis = rng.normal(size=60), rng.normal(size=60)
+    table = pd.concat([rows("c", marg, source), rows("c-disagree", dis, source), rows("u", marg, source)])
+    out = with_combined(table)
+    combined = out[out["model"] == "c-combined"]
+    assert len(combined) == 60 and "u-combined" not in set(out["model"])
+    expected = -np.log10(np.minimum(pvalues(marg, marg[:50]), pvalues(dis, dis[:50])))
+    np.testing.assert_allclose(combined["bpd"], expected)
+    shuffled = pd.concat([rows("c", marg, source), rows("c-disagree", dis, source).iloc[::-1]])
+    with pytest.raises(ValueError, match="same images in the same order"):
+        with_combined(shuffled)

@@ -277,6 +277,35 @@ def with_pvalues(scores: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def combined_rows(table: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Rows of ``model-combined``: for every image scored by ``model`` and ``model-disagree``, -log10 of
+    the smaller of the two p-values against each score's ``calib`` rows (the union of two detectors)."""
+    parts = []
+    for suffix in ("", "-disagree"):
+        rows = table[table["model"] == model + suffix].reset_index(drop=True)
+        calib = rows.loc[rows["source"] == "calib", "bpd"]
+        if calib.empty:
+            raise ValueError(f"model {model + suffix!r} has no calib rows to rank p-values against")
+        parts.append((rows, pvalues(rows["bpd"], calib)))
+    (first, p_first), (second, p_second) = parts
+    key = ["source", "attack", "epsilon", "image_id"]
+    if not first[key].fillna(-1).equals(second[key].fillna(-1)):
+        raise ValueError(f"{model} and {model}-disagree must score the same images in the same order")
+    out = first.copy()
+    out["model"] = model + "-combined"
+    out["bpd"] = -np.log10(np.minimum(p_first, p_second))
+    out["bpd_se"] = 0.0
+    return out
+
+
+def with_combined(scores: pd.DataFrame) -> pd.DataFrame:
+    """The score table with ``m-combined`` rows after every conditional model ``m`` (one that has
+    ``m-disagree`` rows; ``ardetect.conditional``)."""
+    models = list(dict.fromkeys(scores["model"]))
+    conditional = [m for m in models if f"{m}-disagree" in models]
+    return pd.concat([scores, *(combined_rows(scores, m) for m in conditional)], ignore_index=True)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:g}"
 

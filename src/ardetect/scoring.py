@@ -29,6 +29,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ardetect.conditional import class_log_probs, conditional_scores
 from ardetect.configs import Device, config_dataclass
 from ardetect.models.base import ARModel
 
@@ -85,7 +86,7 @@ def gray_to_unit(gray: ArrayLike, image_shape: tuple[int, ...]) -> Tensor:
     return x.cpu().float() / 255.0
 
 
-def _levels_for_256(p: Tensor) -> Tensor:
+def levels_for_256(p: Tensor) -> Tensor:
     levels = p * 255.0
     rounded = levels.round()
     if (levels - rounded).abs().max() > 1e-3:
@@ -132,7 +133,7 @@ def score_bpd(
     for i in tqdm(range(0, n, per_batch), desc="bpd", leave=False, disable=not progress):
         p = p_all[i : i + per_batch]  # (B, C, H, W)
         if model.levels != 2:
-            mean[i : i + len(p)] = model.bpd(_levels_for_256(p).to(device)).double().cpu().numpy()
+            mean[i : i + len(p)] = model.bpd(levels_for_256(p).to(device)).double().cpu().numpy()
         elif binarization == "static":
             mean[i : i + len(p)] = model.bpd((p > threshold).float().to(device)).double().cpu().numpy()
         else:
@@ -189,30 +190,51 @@ def score_table(
     for name, (model, binarization) in models.items():
         start, count = time.perf_counter(), 0
         for s in tqdm(sets, desc=f"score {name}", disable=not progress):
-            bpd, se = score_bpd(
-                model, s.images, binarization, config, device, progress=False, threshold=threshold
-            )
-            count += len(bpd)
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "image_id": s.image_id.astype(np.int64),
-                        "source": s.source,
-                        "attack": s.attack,
-                        "epsilon": np.nan if s.epsilon is None else float(s.epsilon),
-                        "model": name,
-                        "bpd": bpd,
-                        "bpd_se": se,
-                        "label": s.label.astype(np.int64),
-                        "prediction": s.prediction.astype(np.int64),
-                        "success": pd.array(s.success, dtype="boolean")
-                        if s.success is not None
-                        else pd.array([pd.NA] * len(bpd), dtype="boolean"),
-                    }
-                )
-            )
+            scores = model_scores(model, binarization, s, config, device, threshold)
+            frames += [_frame(s, name + suffix, bpd, se) for suffix, (bpd, se) in scores.items()]
+            count += len(s.images)
         speed[name] = count / max(time.perf_counter() - start, 1e-9)
     return pd.concat(frames, ignore_index=True), speed
+
+
+def model_scores(
+    model: ARModel,
+    binarization: Binarization,
+    s: ImageSet,
+    config: ScoreConfig,
+    device: torch.device | str,
+    threshold: float,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """BPD and standard error of the set's images under ``model``, keyed by model-name suffix: ``""``
+    alone, or for a class-conditional model its marginal, ``-pred`` and ``-disagree`` scores
+    (``ardetect.conditional``; exact, standard error 0)."""
+    if not model.num_classes:
+        return {"": score_bpd(model, s.images, binarization, config, device, False, threshold)}
+    if model.levels != 256:
+        raise ValueError(f"{model.name}: only 8-bit class-conditional models are scored")
+    levels = levels_for_256(gray_to_unit(s.images, model.image_shape))  # (N, C, H, W)
+    per_class = class_log_probs(model, levels, config.batch_size, device)  # (N, K)
+    zero = np.zeros(len(per_class))
+    return {k: (v, zero) for k, v in conditional_scores(per_class, s.prediction, model.num_dims).items()}
+
+
+def _frame(s: ImageSet, model: str, bpd: np.ndarray, se: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image_id": s.image_id.astype(np.int64),
+            "source": s.source,
+            "attack": s.attack,
+            "epsilon": np.nan if s.epsilon is None else float(s.epsilon),
+            "model": model,
+            "bpd": bpd,
+            "bpd_se": se,
+            "label": s.label.astype(np.int64),
+            "prediction": s.prediction.astype(np.int64),
+            "success": pd.array(s.success, dtype="boolean")
+            if s.success is not None
+            else pd.array([pd.NA] * len(bpd), dtype="boolean"),
+        }
+    )
 
 
 def clean_test_pools(

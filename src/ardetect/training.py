@@ -194,6 +194,10 @@ def model_problems(train: TrainSection, models: dict[str, ModelEntry]) -> list[s
             problems.append(
                 f"models.{name}.hparams.num_classes: set by the data; write `conditional: true` instead"
             )
+        if entry.conditional and entry.levels != 256:
+            problems.append(
+                f"models.{name}.conditional = true: class-conditional models are 8-bit (levels: 256)"
+            )
         if entry.conditional and entry.is_background:
             problems.append(f"models.{name}: a background model (mutation_rate > 0) cannot be conditional")
         try:
