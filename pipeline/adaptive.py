@@ -39,12 +39,17 @@ def main() -> None:
     params = load_sections(StageParams)
     p = params.adaptive
     device = resolve_device(p.device, "adaptive.device")
-    model = load_model(trained_model_paths(layout.MODELS, [p.model])[p.model]).to(device)
+    names = [p.model] + ([p.conditional_model] if p.conditional_model else [])
+    paths = trained_model_paths(layout.MODELS, names)  # fails first, naming what is missing
+    model = load_model(paths[p.model]).to(device)
+    conditional = load_model(paths[p.conditional_model]).to(device) if p.conditional_model else None
     clf = load_classifier(layout.CLASSIFIER, device)
     test = load_split(layout.split_path("test"))
     inputs = [layout.DATASET, layout.MODELS]
     with stage_run("adaptive", params.tracking, params=dataclasses.asdict(p), inputs=inputs) as run:
-        result = adaptive_attacks(clf, model, test, p, params.attack, params.score, params.detect.fpr, device)
+        result = adaptive_attacks(
+            clf, model, test, p, params.attack, params.score, params.detect.fpr, device, conditional
+        )
         with staged_outputs(layout.ADAPTIVE, layout.ADAPTIVE_METRICS) as (out, metrics_path):
             out.mkdir()
             for f in result.save(out):

@@ -11,7 +11,14 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from ardetect.adaptive import AdaptiveConfig, DetectorAware, relaxed_bpd, run_adaptive, strength_sweep
+from ardetect.adaptive import (
+    AdaptiveConfig,
+    Detector,
+    DetectorAware,
+    relaxed_bpd,
+    run_adaptive,
+    strength_sweep,
+)
 from ardetect.attacksets import AttackSet, format_epsilon, sorted_sets
 from ardetect.classifier import ClassifierConfig, SmallCNN
 from ardetect.detection import (
@@ -209,7 +216,7 @@ def test_detected_logit_wins_exactly_above_the_threshold(tiny) -> None:  # type:
     bpd = density.bpd(torch.as_tensor(x).float()).detach()
     for tau, flagged in ((bpd - 0.01, True), (bpd + 0.01, False)):
         for i in range(len(x)):
-            wrapped = DetectorAware(clf, density, float(tau[i]), scale=10.0)
+            wrapped = DetectorAware(clf, Detector(density, (float(tau[i]),)), scale=10.0)
             logits = wrapped(u[i : i + 1]).detach()
             assert (logits.argmax(1).item() == logits.shape[1] - 1) == flagged
 
@@ -218,7 +225,7 @@ def test_adaptive_attack_drives_bpd_down_only_with_the_relaxed_gradient(tiny) ->
     clf, density, x, y = tiny
     config = AdaptiveConfig(scales=(10.0,), sweep_steps=8, pgd_rel_stepsize=0.1)
     tau = float(density.bpd(torch.as_tensor(x).float()).detach().mean()) - 0.5  # under the clean BPD
-    runs = strength_sweep(clf, density, x, y, 8 / 255, tau, config, progress=False)
+    runs = strength_sweep(clf, Detector(density, (tau,)), x, y, 8 / 255, config, progress=False)
     relaxed, straight = runs
     assert relaxed.relax and not straight.relax and len(relaxed.bpd_per_step) == 8 + 1
     assert relaxed.bpd_per_step[-1] < relaxed.bpd_per_step[0] - 0.01
@@ -234,10 +241,77 @@ def test_adaptive_attack_drives_bpd_down_only_with_the_relaxed_gradient(tiny) ->
 def test_adaptive_cw_runs_and_judges_after_rounding(tiny) -> None:  # type: ignore[no-untyped-def]
     clf, density, x, y = tiny
     config = AdaptiveConfig(cw_steps=5, cw_binary_search_steps=2)
-    r = run_adaptive(clf, density, x, y, AttackSet("adaptive_cw"), 9.0, 10.0, config, progress=False)
+    r = run_adaptive(
+        clf, Detector(density, (9.0,)), x, y, AttackSet("adaptive_cw"), 10.0, config, progress=False
+    )
     with torch.no_grad():
         pred = clf(torch.as_tensor(r.adversarial).float() / 255).argmax(1).numpy()
     assert np.array_equal(r.prediction, pred)
     assert np.array_equal(r.success, (pred != y) & ~r.failed)
     assert r.summary()["n"] == len(x)
     assert all(p.requires_grad for p in (*clf.parameters(), *density.parameters())), "frozen only meanwhile"
+
+
+def test_union_thresholds_flag_exactly_what_the_combined_score_flags() -> None:
+    """Per-score thresholds reproduce -log10 min(p_1, p_2) > τ_c (τ_c set at the FPR on calib) on calib
+    and on new images, ties included."""
+    from ardetect.detection import pvalues, union_thresholds
+
+    rng = np.random.default_rng(1)
+    calib = np.stack([rng.normal(size=400), rng.integers(0, 30, 400).astype(float)], 1)  # ties in column 2
+    tau = union_thresholds(calib, 0.05)
+    new = np.stack([rng.normal(size=300) * 1.5, rng.integers(0, 40, 300).astype(float)], 1)
+    for x in (calib, new):
+        combined = -np.log10(np.minimum(pvalues(x[:, 0], calib[:, 0]), pvalues(x[:, 1], calib[:, 1])))
+        c_calib = -np.log10(np.minimum(pvalues(calib[:, 0], calib[:, 0]), pvalues(calib[:, 1], calib[:, 1])))
+        expected = combined > threshold_at_fpr(c_calib, 0.05)
+        assert np.array_equal((x > np.asarray(tau)).any(1), expected)
+    assert (calib > np.asarray(tau)).any(1).mean() <= 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny_conditional(tiny):  # type: ignore[no-untyped-def]
+    clf, _, x, y = tiny
+    torch.manual_seed(1)
+    density = build_model("pixelcnn", (1, 8, 8), 256, channels=8, blocks=1, head_channels=8, num_classes=10)
+    with torch.no_grad():
+        for name, p in density.named_parameters():
+            if "label" in name:
+                p.normal_(0, 0.5)  # distinct classes
+    return clf, density.eval(), x, y
+
+
+def test_conditional_detector_scores_are_exact_on_8bit_images(tiny_conditional) -> None:  # type: ignore[no-untyped-def]
+    """The relaxed (differentiable) marginal BPD and disagreement equal the score table's exact ones on
+    8-bit images, with the classifier's label."""
+    from ardetect.conditional import class_log_probs, conditional_scores
+
+    clf, density, x, _ = tiny_conditional
+    levels = torch.as_tensor(x).float()
+    detector = Detector(density, (0.0, 0.0))
+    with torch.no_grad():
+        z = clf(levels / 255)
+        relaxed = detector.relaxed(levels / 255, z).double().numpy()
+    pred = z.argmax(1).numpy()
+    table = conditional_scores(class_log_probs(density, levels, 64), pred, density.num_dims)
+    np.testing.assert_allclose(relaxed[:, 0], table[""], rtol=1e-5)
+    np.testing.assert_allclose(relaxed[:, 1], table["-disagree"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(detector.exact(levels, pred), relaxed, rtol=1e-4, atol=1e-6)
+
+
+def test_attack_on_the_conditional_detector_judges_both_scores(tiny_conditional) -> None:  # type: ignore[no-untyped-def]
+    clf, density, x, y = tiny_conditional
+    levels = torch.as_tensor(x).float()
+    with torch.no_grad():
+        clean = Detector(density, (0.0, 0.0)).exact(levels, clf(levels / 255).argmax(1).numpy())
+    detector = Detector(density, (float(clean[:, 0].mean()), float(np.median(clean[:, 1]))))
+    config = AdaptiveConfig(pgd_steps=4)
+    r = run_adaptive(
+        clf, detector, x[:6], y[:6], AttackSet("adaptive_cond_pgd", 8 / 255), 10.0, config, progress=False
+    )
+    with torch.no_grad():
+        adv = torch.as_tensor(r.adversarial).float()
+        scores = Detector(density, ()).exact(adv, clf(adv / 255).argmax(1).numpy())
+    assert np.array_equal(r.evaded, ~(scores > np.asarray(detector.thresholds)).any(1))
+    np.testing.assert_allclose(r.bpd, scores[:, 0])
+    assert np.abs(r.adversarial.astype(int) - x[:6]).max() <= 8

@@ -45,8 +45,9 @@ from ardetect.attacks import (
 )
 from ardetect.attacksets import AttackSet, save_attack_set
 from ardetect.classifier import predict, seeded
+from ardetect.conditional import class_log_probs, conditional_scores
 from ardetect.configs import Device, config_dataclass
-from ardetect.detection import threshold_at_fpr
+from ardetect.detection import threshold_at_fpr, union_thresholds
 from ardetect.models.base import ARModel
 from ardetect.report import save_figure
 from ardetect.scoring import ScoreParams, clean_test_pools, score_bpd
@@ -84,6 +85,10 @@ class AdaptiveParams(AdaptiveConfig):
 
     model: str = "pixelcnn_8bit"  # the 8-bit density model whose detector is attacked (one of train.models)
     num_images: PositiveInt = 100  # the first N originals of the oblivious attacks (paired with them)
+    # a class-conditional 8-bit model whose combined detector (marginal BPD or disagreement) is attacked
+    # too, on the first conditional_images originals (K passes per step: 10x the cost per image)
+    conditional_model: str | None = "pixelcnn_8bit_cond"
+    conditional_images: PositiveInt = 32
     device: Device = "auto"
     progress: bool = True
 
@@ -107,6 +112,17 @@ def adaptive_problems(
         problems.append(
             f"adaptive.model = {target!r}: the adaptive attack needs an 8-bit model (levels: 256)"
         )
+    cond = adaptive.conditional_model
+    if cond is not None and not (cond in train.models and cond in models and models[cond].conditional):
+        conditional = [m for m in train.models if m in models and models[m].conditional]
+        problems.append(
+            f"adaptive.conditional_model = {cond!r}: not a trained class-conditional model "
+            f"(trained conditional models: {', '.join(conditional) or 'none'}; or null)"
+        )
+    if adaptive.conditional_images > adaptive.num_images:
+        problems.append(
+            f"adaptive.conditional_images = {adaptive.conditional_images}: at most adaptive.num_images"
+        )
     if adaptive.num_images > attack.num_images:
         problems.append(
             f"adaptive.num_images = {adaptive.num_images}: at most attack.num_images = "
@@ -122,13 +138,18 @@ def relaxed_bpd(density: ARModel, x: Tensor, relax: bool = True) -> Tensor:
     the model's at its level (``relax=False``) or interpolated between the two levels around ``255 x``
     (``relax=True``). Both equal the exact BPD on 8-bit images.
     """
+    return -relaxed_log_prob(density, x, None, relax) / (density.num_dims * math.log(2.0))  # (B,)
+
+
+def relaxed_log_prob(density: ARModel, x: Tensor, y: Tensor | None = None, relax: bool = True) -> Tensor:
+    """log p(x) (or log p(x | y) for a class-conditional model) in nats, relaxed as in :func:`relaxed_bpd`."""
     if density.levels != 256:
         raise ValueError(
             f"the adaptive attack needs an 8-bit density model (levels=256), got {density.levels}"
         )
     v = x * 255.0  # (B, C, H, W) continuous levels
     v_in = v + (v.round() - v).detach()  # straight-through rounding
-    logp = F.log_softmax(density(v_in).float(), dim=1)  # (B, 256, C, H, W)
+    logp = F.log_softmax(density.logits(v_in, y).float(), dim=1)  # (B, 256, C, H, W)
     if relax:
         lo = v.detach().floor().clamp(0, 254)  # (B, C, H, W)
         t = v - lo  # (B, C, H, W) in [0, 1], carries the gradient
@@ -137,30 +158,74 @@ def relaxed_bpd(density: ARModel, x: Tensor, relax: bool = True) -> Tensor:
         lp = (1 - t) * lp_lo + t * lp_hi
     else:
         lp = logp.gather(1, v.detach().round().long().unsqueeze(1)).squeeze(1)
-    return -lp.flatten(1).sum(1) / (density.num_dims * math.log(2.0))  # (B,)
+    return lp.flatten(1).sum(1)  # (B,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+    """The defence the attacker evades: an image is flagged when any of its scores exceeds its threshold.
+
+    An unconditional 8-bit model: one score, BPD. A class-conditional one (``ardetect.conditional``): the
+    marginal BPD and the generative disagreement with the classifier's label, each with the threshold at
+    which the union (the score table's ``-combined`` detector, the smaller of two calibrated p-values)
+    flags ``fpr`` of the clean calibration images.
+    """
+
+    density: ARModel
+    thresholds: tuple[float, ...]
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.density.num_classes)
+
+    def relaxed(self, x: Tensor, z: Tensor, relax: bool = True) -> Tensor:
+        """The scores of gray images ``x`` in [0, 1], differentiable in ``x`` (B, J); ``z``: classifier
+        logits (the disagreement is with their argmax, the label the classifier gives)."""
+        if not self.conditional:
+            return relaxed_bpd(self.density, x, relax)[:, None]  # (B, 1)
+        k, b = self.density.num_classes, len(x)
+        labels = [torch.full((b,), c, device=x.device) for c in range(k)]
+        per_class = torch.stack([relaxed_log_prob(self.density, x, y, relax) for y in labels], 1)  # (B, K)
+        total = torch.logsumexp(per_class, 1)  # (B,)
+        given = per_class.gather(1, z.argmax(1, keepdim=True)).squeeze(1)  # (B,)
+        bits = self.density.num_dims * math.log(2.0)
+        return torch.stack([-(total - math.log(k)) / bits, (total - given) / bits], 1)  # (B, 2)
+
+    @torch.no_grad()
+    def exact(self, levels: Tensor, prediction: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """The exact scores of 8-bit images (levels, (N, C, H, W)) with the classifier's labels: (N, J)."""
+        if not self.conditional:
+            return self.density.bpd(levels).double().cpu().numpy()[:, None]
+        per_class = class_log_probs(self.density, levels, batch_size, levels.device)
+        scores = conditional_scores(per_class, prediction, self.density.num_dims)
+        return np.stack([scores[""], scores["-disagree"]], 1)  # (N, 2)
+
+    def flagged(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray((scores > np.asarray(self.thresholds)).any(1))  # (N,)
 
 
 class DetectorAware(nn.Module):
-    """Classifier logits plus the detected logit ``max_k z_k + scale (BPD - threshold)``: (B, K + 1).
+    """Classifier logits plus the detected logit ``max_k z_k + scale max_j (s_j - τ_j)``: (B, K + 1),
+    the largest exactly when a score ``s_j`` of the detector exceeds its threshold ``τ_j``.
 
-    With ``trace`` a list, every forward call appends the batch's relaxed BPD and whether each image
-    is classified as its target while under the threshold, so an attack's progress can be plotted.
+    With ``trace`` a list, every forward call appends the batch's first relaxed score (BPD) and the
+    classifier's label, so an attack's progress can be plotted.
     """
 
-    def __init__(
-        self, classifier: nn.Module, density: ARModel, threshold: float, scale: float, relax: bool = True
-    ) -> None:
+    def __init__(self, classifier: nn.Module, detector: Detector, scale: float, relax: bool = True) -> None:
         super().__init__()
-        self.classifier, self.density = classifier, density
-        self.threshold, self.scale, self.relax = threshold, scale, relax
+        self.classifier, self.density, self.detector = classifier, detector.density, detector
+        self.scale, self.relax = scale, relax
+        self.thresholds = torch.tensor(detector.thresholds)
         self.trace: list[tuple[Tensor, Tensor]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.classifier(x)  # (B, K)
-        bpd = relaxed_bpd(self.density, x, self.relax)  # (B,)
-        detected = z.max(1).values + self.scale * (bpd - self.threshold)  # (B,)
+        scores = self.detector.relaxed(x, z, self.relax)  # (B, J)
+        excess = (scores - self.thresholds.to(scores)).max(1).values  # (B,)
+        detected = z.max(1).values + self.scale * excess  # (B,)
         if self.trace is not None:
-            self.trace.append((bpd.detach().cpu(), z.argmax(1).detach().cpu()))
+            self.trace.append((scores[:, 0].detach().cpu(), z.argmax(1).detach().cpu()))
         return torch.cat([z, detected[:, None]], 1)  # (B, K + 1)
 
 
@@ -225,6 +290,7 @@ def runner_up(classifier: nn.Module, x: Tensor) -> Tensor:
 
 
 def _foolbox_attack(attack: str, epsilon: float | None, config: AdaptiveConfig, steps: int) -> fb.Attack:
+    attack = attack.replace("_cond_", "_")  # the same attacks against the conditional detector
     if attack == "adaptive_pgd":
         return fb.attacks.LinfPGD(
             steps=steps, rel_stepsize=config.pgd_rel_stepsize, random_start=config.pgd_random_start
@@ -242,11 +308,10 @@ def _foolbox_attack(attack: str, epsilon: float | None, config: AdaptiveConfig, 
 
 def run_adaptive(
     classifier: nn.Module,
-    density: ARModel,
+    detector: Detector,
     images_uint8: np.ndarray,
     labels: np.ndarray,
     attack_set: AttackSet,
-    threshold: float,
     scale: float,
     config: AdaptiveConfig,
     *,
@@ -256,12 +321,12 @@ def run_adaptive(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> AdaptiveResult:
-    """Run one adaptive attack (``adaptive_pgd`` at ``attack_set.epsilon``, or ``adaptive_cw``)."""
+    """One adaptive attack: ``adaptive[_cond]_pgd`` at ``attack_set.epsilon``, or ``adaptive[_cond]_cw``."""
     relax = config.relax if relax is None else relax
-    steps = steps or (config.pgd_steps if attack_set.attack == "adaptive_pgd" else config.cw_steps)
+    steps = steps or (config.cw_steps if attack_set.attack.endswith("_cw") else config.pgd_steps)
     device = torch.device(device)
-    classifier, density = classifier.to(device).eval(), density.to(device).eval()
-    wrapped = DetectorAware(classifier, density, threshold, scale, relax).eval()
+    classifier, density = classifier.to(device).eval(), detector.density.to(device).eval()
+    wrapped = DetectorAware(classifier, detector, scale, relax).eval()
     fmodel = fb.PyTorchModel(wrapped, bounds=(0.0, 1.0), device=device)
     attack = _foolbox_attack(attack_set.attack, attack_set.epsilon, config, steps)
     x_all = torch.as_tensor(images_uint8).float() / 255.0  # (N, C, H, W)
@@ -284,10 +349,11 @@ def run_adaptive(
     with torch.no_grad():
         levels = torch.as_tensor(adversarial).float().to(device)  # (N, C, H, W)
         prediction = classifier(levels / 255.0).argmax(1).cpu().numpy()
-        bpd = density.bpd(levels).double().cpu().numpy()
+    scores = detector.exact(levels, prediction)  # (N, J): BPD first
+    bpd = scores[:, 0]
     linf, l2 = perturbation_norms((adversarial.astype(np.float64) - images_uint8.astype(np.float64)) / 255.0)
     success = (prediction != np.asarray(labels)) & ~failed
-    evaded = bpd <= threshold
+    evaded = ~detector.flagged(scores)
     return AdaptiveResult(
         attack_set=attack_set,
         adversarial=adversarial,
@@ -323,11 +389,10 @@ class SweepRun:
 
 def strength_sweep(
     classifier: nn.Module,
-    density: ARModel,
+    detector: Detector,
     images_uint8: np.ndarray,
     labels: np.ndarray,
     epsilon: float,
-    threshold: float,
     config: AdaptiveConfig,
     device: torch.device | str = "cpu",
     progress: bool = True,
@@ -345,11 +410,10 @@ def strength_sweep(
         trace: list[tuple[Tensor, Tensor]] = []
         result = run_adaptive(
             classifier,
-            density,
+            detector,
             images_uint8,
             labels,
             AttackSet("adaptive_pgd", epsilon),
-            threshold,
             scale,
             dataclasses.replace(config, batch_size=len(images_uint8)),
             steps=config.sweep_steps,
@@ -360,7 +424,8 @@ def strength_sweep(
         )
         bpd = torch.stack([b for b, _ in trace]).numpy()  # (calls, N)
         hit = torch.stack([p for _, p in trace]).numpy() == targets  # (calls, N)
-        runs.append(SweepRun(scale, relax, bpd.mean(1), (hit & (bpd <= threshold)).mean(1), result))
+        under = bpd <= detector.thresholds[0]
+        runs.append(SweepRun(scale, relax, bpd.mean(1), (hit & under).mean(1), result))
     return runs
 
 
@@ -395,24 +460,29 @@ def detector_threshold(
     score: ScoreParams,
     fpr: float,
     device: torch.device,
-) -> tuple[float, np.ndarray]:
-    """(τ, the attacked originals): the detector's own threshold, ``fpr`` on the score stage's clean
-    ``calib`` images under ``density``, and the test indices the oblivious attacks attacked."""
+) -> tuple[Detector, np.ndarray]:
+    """(the detector, the attacked originals): ``density``'s detector with its own threshold(s), ``fpr``
+    on the score stage's clean ``calib`` images, and the test indices the oblivious attacks attacked."""
     images, labels = test["images"], test["labels"]
     attacked = select_correct(classifier, images, labels, attack.num_images, param="attack.num_images")
     correct = predict(classifier, images) == labels
     _, calib = clean_test_pools(correct, attacked, score.num_test, score.num_calib, score.seed)
-    calib_bpd, _ = score_bpd(density, images[calib], None, score, device, progress=False)
-    return threshold_at_fpr(calib_bpd, fpr), attacked
+    if not density.num_classes:
+        calib_bpd, _ = score_bpd(density, images[calib], None, score, device, progress=False)
+        return Detector(density, (threshold_at_fpr(calib_bpd, fpr),)), attacked
+    levels = torch.as_tensor(images[calib]).float().to(device)  # (N, C, H, W)
+    calib_scores = Detector(density, ()).exact(levels, predict(classifier, images[calib]), score.batch_size)
+    return Detector(density, union_thresholds(calib_scores, fpr)), attacked
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveRun:
     """The adaptive stage's work on images ``index`` of the test split: the sweep, the strongest relaxed
-    scale, and one result per adaptive set at that scale."""
+    scale, one result per adaptive set at that scale, and the same attacks against the conditional
+    detector (``conditional``) on the first of those originals."""
 
     model: str
-    threshold: float
+    detector: Detector
     index: np.ndarray  # (N,) test indices
     images: np.ndarray  # (N, C, H, W) uint8 originals
     labels: np.ndarray
@@ -420,10 +490,15 @@ class AdaptiveRun:
     sweep: list[SweepRun]
     scale: float
     results: list[AdaptiveResult]
+    conditional: tuple[str, Detector, list[AdaptiveResult]] | None = None
+
+    @property
+    def threshold(self) -> float:
+        return self.detector.thresholds[0]
 
     def metrics(self, sweep_steps: int) -> dict[str, Any]:
         """data/metrics/adaptive.json (read back by the detect stage)."""
-        return {
+        out: dict[str, Any] = {
             "model": self.model,
             "threshold": self.threshold,
             "scale": self.scale,
@@ -437,23 +512,35 @@ class AdaptiveRun:
                 for r in self.sweep
             },
         }
+        if self.conditional is not None:
+            name, detector, results = self.conditional
+            out["conditional"] = {
+                "model": name,
+                "thresholds": {"bpd": detector.thresholds[0], "disagree": detector.thresholds[1]},
+                "sets": {r.attack_set.slug: r.summary() for r in results},
+            }
+        return out
 
     def save(self, folder: Path) -> list[Path]:
         """One attack-set file per result, sweep.png and examples.png in ``folder``; returns the figures."""
-        for r in self.results:
-            save_attack_set(folder, r, self.index, self.labels, target=r.target, bpd=r.bpd, evaded=r.evaded,
-                            joint=r.joint, threshold=self.threshold, scale=self.scale)  # fmt: skip
+        runs = [(self.detector, self.results)] + ([self.conditional[1:]] if self.conditional else [])
+        for detector, results in runs:
+            n = len(results[0].bpd) if results else 0
+            for r in results:
+                save_attack_set(folder, r, self.index[:n], self.labels[:n], target=r.target, bpd=r.bpd,
+                                evaded=r.evaded, joint=r.joint, threshold=detector.thresholds[0],
+                                scale=self.scale)  # fmt: skip
         n_sweep = len(self.sweep[0].result.bpd)  # the sweep attacks the first sweep_images originals
         sweep = sweep_figure(self.sweep, float(self.clean_bpd[:n_sweep].mean()), self.threshold)
         examples = adversarial_figure(self.images, self.labels, self.results)
         return [save_figure(sweep, folder / "sweep.png"), save_figure(examples, folder / "examples.png")]
 
     def lines(self) -> list[str]:
+        results = self.results + (self.conditional[2] if self.conditional else [])
         return [
-            f"{slug}: classifier fooled {m['classifier_success']:.0%}, of those under τ "
-            f"{m['evasion_rate']:.0%}, both {m['joint_success']:.0%} "
-            f"(scale {self.scale:g}, τ = {self.threshold:.3f} bpd)"
-            for slug, m in ((r.attack_set.slug, r.summary()) for r in self.results)
+            f"{slug}: classifier fooled {m['classifier_success']:.0%}, of those not flagged "
+            f"{m['evasion_rate']:.0%}, both {m['joint_success']:.0%} (scale {self.scale:g})"
+            for slug, m in ((r.attack_set.slug, r.summary()) for r in results)
         ]
 
 
@@ -466,22 +553,32 @@ def adaptive_attacks(
     score: ScoreParams,
     fpr: float,
     device: torch.device,
+    conditional: ARModel | None = None,
 ) -> AdaptiveRun:
     """The adaptive stage: τ (:func:`detector_threshold`), the strength sweep (PGD at the first ε on
     ``sweep_images`` originals, per scale), then every adaptive set on the first ``params.num_images``
-    attacked originals at the strongest relaxed scale."""
-    threshold, attacked = detector_threshold(classifier, density, test, attack, score, fpr, device)
+    attacked originals at the strongest relaxed scale; with a ``conditional`` model, PGD at the first ε
+    and CW against its combined detector on the first ``params.conditional_images`` of them."""
+    detector, attacked = detector_threshold(classifier, density, test, attack, score, fpr, device)
     index = attacked[: params.num_images]
     x, y = test["images"][index], test["labels"][index]
     n, eps, progress = params.sweep_images, params.epsilons[0], params.progress
-    sweep = strength_sweep(
-        classifier, density, x[:n], y[:n], eps, threshold, params, device=device, progress=progress
-    )
+    sweep = strength_sweep(classifier, detector, x[:n], y[:n], eps, params, device=device, progress=progress)
     scale = max((r for r in sweep if r.relax), key=lambda r: r.result.joint.mean()).scale  # the strongest
     sets = [AttackSet("adaptive_pgd", e) for e in params.epsilons] + [AttackSet("adaptive_cw")]
     results = [
-        run_adaptive(classifier, density, x, y, s, threshold, scale, params, device=device, progress=progress)
+        run_adaptive(classifier, detector, x, y, s, scale, params, device=device, progress=progress)
         for s in sets
     ]
     clean_bpd, _ = score_bpd(density, x, None, score, device, progress=False)
-    return AdaptiveRun(params.model, threshold, index, x, y, clean_bpd, sweep, scale, results)
+    cond = None
+    if conditional is not None and params.conditional_model is not None:
+        cond_detector, _ = detector_threshold(classifier, conditional, test, attack, score, fpr, device)
+        m = params.conditional_images
+        cond_sets = [AttackSet("adaptive_cond_pgd", eps), AttackSet("adaptive_cond_cw")]
+        cond_results = [
+            run_adaptive(classifier, cond_detector, x[:m], y[:m], s, scale, params, device=device)
+            for s in cond_sets
+        ]
+        cond = (params.conditional_model, cond_detector, cond_results)
+    return AdaptiveRun(params.model, detector, index, x, y, clean_bpd, sweep, scale, results, cond)

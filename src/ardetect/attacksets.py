@@ -18,7 +18,10 @@ from typing import Any, Protocol
 import numpy as np
 
 #: Report order of the attack families; controls first, adaptive (defence-aware) attacks last.
-FAMILIES = ("noise", "fgsm", "pgd", "deepfool", "cw", "cw_conf", "adaptive_pgd", "adaptive_cw")
+FAMILIES = (
+    "noise", "fgsm", "pgd", "deepfool", "cw", "cw_conf",
+    "adaptive_pgd", "adaptive_cw", "adaptive_cond_pgd", "adaptive_cond_cw",
+)  # fmt: skip
 #: Not attacks: every image of such a set is a positive, whatever the classifier says of it.
 CONTROLS = ("noise",)
 ADAPTIVE_PREFIX = "adaptive_"
@@ -88,8 +91,9 @@ class AttackSet:
 
     @property
     def oblivious(self) -> AttackSet:
-        """The defence-oblivious counterpart of an adaptive set (``adaptive_pgd_e8`` → ``pgd_e8``)."""
-        return AttackSet(self.attack.removeprefix(ADAPTIVE_PREFIX), self.epsilon)
+        """The defence-oblivious counterpart of an adaptive set (``adaptive_pgd_e8`` → ``pgd_e8``, also
+        for the attack on the conditional detector: ``adaptive_cond_cw`` → ``cw``)."""
+        return AttackSet(self.attack.removeprefix(ADAPTIVE_PREFIX).removeprefix("cond_"), self.epsilon)
 
     @property
     def sort_key(self) -> tuple[int, str, float]:

@@ -298,6 +298,19 @@ def combined_rows(table: pd.DataFrame, model: str) -> pd.DataFrame:
     return out
 
 
+def union_thresholds(calib: np.ndarray, fpr: float) -> tuple[float, ...]:
+    """Per-score thresholds of the ``-combined`` detector: with calib scores (N, J), an image is flagged
+    by -log10 of its smallest p-value (each ranked against its score's calib column) above the threshold
+    that flags ``fpr`` of calib, exactly when some score ``j`` exceeds the ``j``-th value returned."""
+    calib = np.asarray(calib, np.float64)
+    neglog = np.stack([-np.log10(pvalues(c, c)) for c in calib.T], 1)  # (N, J)
+    limit = threshold_at_fpr(neglog.max(1), fpr)
+    # -log10 p is non-decreasing in the score: the largest calib score at or under the limit bounds it
+    return tuple(
+        float(c[n <= limit].max()) if (n <= limit).any() else -np.inf for c, n in zip(calib.T, neglog.T)
+    )
+
+
 def with_combined(scores: pd.DataFrame) -> pd.DataFrame:
     """The score table with ``m-combined`` rows after every conditional model ``m`` (one that has
     ``m-disagree`` rows; ``ardetect.conditional``)."""
