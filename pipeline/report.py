@@ -35,7 +35,8 @@ def main() -> None:
     train = {m: json.loads(layout.train_metrics(m).read_text()) for m in detector_models(p.train, p.models)}
     stages = (layout.OOD_METRICS, layout.COMPRESS_METRICS, layout.PURIFY_METRICS)
     read = [json.loads(f.read_text()) for f in stages]
-    sections = [module.markdown_section(m) for module, m in zip((ood, compression, purify), read)]
+    sections = [report.conditional_section(train, detect.detection)]
+    sections += [module.markdown_section(m) for module, m in zip((ood, compression, purify), read)]
     purified = {f"Purification, {f.stem}": f for f in sorted(layout.PURIFY.glob("*.png"))}
     figures = report.STAGE_FIGURES | purified
     notes = report.evaluation_notes(p.data.dataset, p.binarize.mode, p.detect.fpr, p.score.num_calib,

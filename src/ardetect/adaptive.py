@@ -88,7 +88,8 @@ class AdaptiveParams(AdaptiveConfig):
     # a class-conditional 8-bit model whose combined detector (marginal BPD or disagreement) is attacked
     # too, on the first conditional_images originals (K passes per step: 10x the cost per image)
     conditional_model: str | None = "pixelcnn_8bit_cond"
-    conditional_images: PositiveInt = 32
+    conditional_images: PositiveInt = 16
+    conditional_steps: PositiveInt = 25  # PGD steps, and CW steps per binary-search step
     device: Device = "auto"
     progress: bool = True
 
@@ -577,8 +578,9 @@ def adaptive_attacks(
         m = params.conditional_images
         cond_sets = [AttackSet("adaptive_cond_pgd", eps), AttackSet("adaptive_cond_cw")]
         cond_results = [
-            run_adaptive(classifier, cond_detector, x[:m], y[:m], s, scale, params, device=device)
+            run_adaptive(classifier, cond_detector, x[:m], y[:m], s, scale, params,
+                         steps=params.conditional_steps, device=device, progress=progress)
             for s in cond_sets
-        ]
+        ]  # fmt: skip
         cond = (params.conditional_model, cond_detector, cond_results)
     return AdaptiveRun(params.model, detector, index, x, y, clean_bpd, sweep, scale, results, cond)

@@ -81,7 +81,7 @@ class TrainParams:
     num_samples: PositiveInt = 16
     # class-conditional models: test images (the first N) for the marginal NLL and the generative
     # classifier's accuracy, K passes each (null: the whole test split); the conditional NLL uses all
-    marginal_test_images: PositiveInt | None = 2000
+    marginal_test_images: PositiveInt | None = 1000
     progress: bool = True
 
 
@@ -674,8 +674,8 @@ class DensityTraining:
         """Test NLL/BPD of the best weights, with the fit's summary (data/metrics/train/<name>.json).
 
         A class-conditional model's test NLL is its marginal's, on the first ``marginal_test_images`` test
-        images (K passes each); it also reports the conditional NLL on the whole test split and the
-        accuracy of its generative classifier argmax_y p(x | y) on the marginal's images."""
+        images (K passes each); on the same images it also reports the conditional NLL and the accuracy
+        of its generative classifier argmax_y p(x | y)."""
         model, test, batch, dims = (
             self.model,
             self.data.test,
@@ -688,8 +688,8 @@ class DensityTraining:
             per_class = evaluate_class_log_probs(model, test[:n], batch, self.device)  # (n, K)
             marginal = torch.logsumexp(per_class, 1) - math.log(model.num_classes)  # (n,)
             test_nll = -marginal.mean().item()
-            labels = self.data.labels["test"]
-            cond_nll = evaluate_nll(model, test, batch, self.device, labels).mean().item()
+            labels = self.data.labels["test"][:n]
+            cond_nll = evaluate_nll(model, test[:n], batch, self.device, labels).mean().item()
             extra = {
                 "test_marginal_images": float(n),
                 "test_cond_nll": cond_nll,
