@@ -50,6 +50,7 @@ def _write_params(root: Path) -> None:
     }
     raw["binarize"]["mode"] = "dynamic"
     raw["adaptive"]["model"] = "tiny_8bit"
+    raw["adaptive"]["conditional_model"] = None
     raw["purify"]["model"] = "tiny_8bit"
     raw["ood"]["background"] = {}
     raw["score"].update(num_draws=NUM_DRAWS, seed=SEED, device="cpu")

@@ -199,6 +199,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, model: ARModel) -> Path:
     for section in ("adaptive", "purify"):  # other stages' model choices must exist here
         if section in raw:
             raw[section]["model"] = "tiny_8bit"
+    if "adaptive" in raw:
+        raw["adaptive"]["conditional_model"] = None
     if "ood" in raw:
         raw["ood"]["background"] = {}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -54,7 +54,7 @@ def test_causal_by_gradients_for_every_class(name: str, levels: int) -> None:
         y = torch.full((2,), label)
         for pos in range(d):
             xg = x.clone().requires_grad_(True)
-            logits = model.logits(xg, y)
+            logits = model.logits_for(xg, y)
             out = logits.flatten(1)[:, pos] if levels == 2 else logits.flatten(2)[:, :, pos]
             weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(pos))
             (grad,) = torch.autograd.grad((out * weight).sum(), xg)
@@ -135,7 +135,7 @@ def test_labels_are_checked() -> None:
     plain = build_model("pixelcnn", (1, 3, 3), channels=4, blocks=1, head_channels=4)
     x = torch.zeros(2, 1, 3, 3)
     with pytest.raises(ValueError, match="class-conditional: pass labels"):
-        cond.logits(x)
+        cond.logits_for(x)
     with pytest.raises(ValueError, match=r"values in 0\.\.2"):
         cond.log_prob(x, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):

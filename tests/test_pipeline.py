@@ -32,7 +32,9 @@ def tiny_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
     params = yaml.safe_load(path.read_text())
     params["data"].update(dataset="digits", val_fraction=0.1, test_fraction=0.2)
     params["train"]["defaults"].update(epochs=2, batch_size=64, num_samples=16, progress=False)
-    params["train"]["models"] = ["fvsbn", "nade", "made", "pixelcnn_8bit", "pixelcnn_8bit_background"]
+    params["train"]["models"] = [
+        "fvsbn", "nade", "made", "pixelcnn_8bit", "pixelcnn_8bit_cond", "pixelcnn_8bit_background"
+    ]  # fmt: skip
     params["models"] = {
         "fvsbn": {"arch": "fvsbn", "train": {"lr": 0.01}},
         "nade": {"arch": "nade", "hparams": {"hidden": 16}},
@@ -45,6 +47,8 @@ def tiny_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
         },
     }
     params["models"]["pixelcnn_8bit_background"] = {**params["models"]["pixelcnn_8bit"], "mutation_rate": 0.1}
+    params["models"]["pixelcnn_8bit_cond"] = {**params["models"]["pixelcnn_8bit"], "conditional": True}
+    params["train"]["defaults"]["marginal_test_images"] = 100
     # digits is the in-distribution set here; the 28x28 sets are resized to 8x8
     params["ood"].update(num_images=20, sets=["mnist", "flipped", "noise", "constant"], progress=False)
     params["classifier"].update(epochs=10, channels=[8, 16], hidden=32, lr=0.005, patience=10, progress=False)
@@ -59,6 +63,8 @@ def tiny_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
         cw_binary_search_steps=1,
         sweep_images=4,
         sweep_steps=3,
+        conditional_images=4,
+        conditional_steps=2,
         progress=False,
     )
     params["detect"].update(n_boot=50)
@@ -155,7 +161,9 @@ def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
     assert {"fgsm_e8", "pgd_e25", "deepfool", "cw", "noise_e51"} <= set(attack)
     assert attack["pgd_e51"]["success_after_rounding"] > attack["noise_e51"]["success_after_rounding"]
     scores = pd.read_parquet(work / "data/scores/scores.parquet")
-    assert set(scores["model"]) == {"fvsbn", "nade", "made", "pixelcnn_8bit"}
+    scorers = {"fvsbn", "nade", "made", "pixelcnn_8bit", "pixelcnn_8bit_cond"}
+    cond = {"pixelcnn_8bit_cond-pred", "pixelcnn_8bit_cond-disagree"}  # the conditional model's scores
+    assert set(scores["model"]) == scorers | cond
     assert set(scores["source"]) == {"train_ref", "calib", "test", "adversarial"}
     binary = scores[scores["model"] == "made"]
     assert (binary["bpd_se"] > 0).any(), "dynamic binarisation reports a Monte-Carlo standard error"
@@ -192,10 +200,16 @@ def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
         "adaptive_pgd_e25",
         "adaptive_cw",
     }
-    for m in adaptive["sets"].values():
-        assert m["n"] == 8 and 0 <= m["joint_success"] <= min(m["classifier_success"], m["evasion_rate"])
+    conditional = adaptive["conditional"]
+    assert conditional["model"] == "pixelcnn_8bit_cond"
+    assert set(conditional["sets"]) == {"adaptive_cond_pgd_e8", "adaptive_cond_cw"}
+    for m in [*adaptive["sets"].values(), *conditional["sets"].values()]:
+        assert m["n"] in (8, 4) and 0 <= m["joint_success"] <= m["classifier_success"]
     adv = scores[scores["attack"].fillna("").str.startswith("adaptive_")]
-    assert set(adv["model"]) == {"fvsbn", "nade", "made", "pixelcnn_8bit"} and len(adv) == 4 * 3 * 8
+    assert set(adv["model"]) == scorers | cond and len(adv) == 7 * (3 * 8 + 2 * 4)
+    assert "pixelcnn_8bit_cond-combined" in detection and "## Class-conditional detector" in report
+    gen = json.loads((work / "data/metrics/train/pixelcnn_8bit_cond.json").read_text())
+    assert 0 <= gen["gen_accuracy"] <= 1 and gen["test_marginal_images"] == 72  # min(100, the test split)
     assert "adaptive_pgd_e8" in detection["pixelcnn_8bit"] or adv["success"].sum() == 0
     compressed = json.loads((work / "data/metrics/compress.json").read_text())
     assert set(compressed) == {"pixelcnn_8bit"} and compressed["pixelcnn_8bit"]["roundtrip_ok"]

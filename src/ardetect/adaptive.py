@@ -150,7 +150,7 @@ def relaxed_log_prob(density: ARModel, x: Tensor, y: Tensor | None = None, relax
         )
     v = x * 255.0  # (B, C, H, W) continuous levels
     v_in = v + (v.round() - v).detach()  # straight-through rounding
-    logp = F.log_softmax(density.logits(v_in, y).float(), dim=1)  # (B, 256, C, H, W)
+    logp = F.log_softmax(density.logits_for(v_in, y).float(), dim=1)  # (B, 256, C, H, W)
     if relax:
         lo = v.detach().floor().clamp(0, 254)  # (B, C, H, W)
         t = v - lo  # (B, C, H, W) in [0, 1], carries the gradient

@@ -92,9 +92,14 @@ def compress_models(
 
 def eight_bit_models(train_models: Sequence[str], models: Mapping[str, ModelEntry]) -> list[str]:
     """The 8-bit models of ``train.models``, in that order, without background models (trained on
-    mutated images for a likelihood ratio, they code no real image well)."""
+    mutated images for a likelihood ratio, they code no real image well) or class-conditional ones (a
+    mixture over labels has no single autoregressive code)."""
     return [
-        n for n in train_models if n in models and models[n].levels == LEVELS and not models[n].is_background
+        n
+        for n in train_models
+        if n in models
+        and models[n].levels == LEVELS
+        and not (models[n].is_background or models[n].conditional)
     ]
 
 
@@ -108,6 +113,11 @@ def compress_problems(
             problems.append(
                 f"compress.models[{i}] = {name!r}: not a trained model "
                 f"(train.models: {', '.join(train_models)})"
+            )
+        elif models[name].conditional:
+            problems.append(
+                f"compress.models[{i}] = {name!r}: a class-conditional model's marginal is a mixture over "
+                "labels, which no single autoregressive code follows; code an unconditional 8-bit model"
             )
         elif models[name].levels != LEVELS:
             problems.append(

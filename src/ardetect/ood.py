@@ -509,7 +509,9 @@ def stage_models(
     from ardetect.models import trained_model_paths
     from ardetect.scoring import load_scorers
 
-    detectors = detector_models(train, models)
+    # class-conditional models are left out: their marginal costs K passes per image (the score stage
+    # evaluates them as adversarial detectors)
+    detectors = [m for m in detector_models(train, models) if not models[m].conditional]
     backgrounds = likelihood_ratio_pairs(params, train, models)
     paths = trained_model_paths(folder, [*detectors, *backgrounds.values()])
     return load_scorers(paths, mode), detectors, backgrounds

@@ -236,7 +236,7 @@ class _TrainingLoss(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.model.training_nll(x, y)
+        return self.model.training_nll(x) if y is None else self.model.training_nll(x, y)
 
 
 @torch.inference_mode()

@@ -71,7 +71,7 @@ class ARModel(nn.Module):
             "or use log_prob(x) for the marginal"
         )
 
-    def logits(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def logits_for(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``forward``'s logits, with the labels ``y`` (B,) for a class-conditional model."""
         if not self.num_classes:
             if y is not None:
@@ -179,7 +179,7 @@ class ARModel(nn.Module):
         self.check_input(x)
         if self.num_classes and y is None:
             return torch.logsumexp(self.class_log_probs(x), dim=1) - math.log(self.num_classes)  # (B,)
-        return self.log_prob_from_logits(self.logits(x, y), x)
+        return self.log_prob_from_logits(self.logits_for(x, y), x)
 
     def class_log_probs(self, x: Tensor) -> Tensor:
         """log p(x | y = k) for every class k, shape (B, K): one pass over the batch per class."""
@@ -247,7 +247,7 @@ class ARModel(nn.Module):
         y = self.sample_labels(n, y, device)
         for idx in self.order.tolist():
             if not done[idx]:
-                logits = self.position_logits(self.logits(x, y), idx)
+                logits = self.position_logits(self.logits_for(x, y), idx)
                 self.place(flat, idx, self.sample_step(logits, generator), known)
         return x
 
