@@ -128,11 +128,11 @@ def metrics_of(work: Path, name: str) -> dict[str, float]:
 
 def test_outputs_and_metrics(repo: tuple[Path, dict[str, str], str]) -> None:
     work, env, _ = repo
-    for name in ("fvsbn", "nade", "made", "pixelcnn_8bit"):
+    for name in ("fvsbn", "nade", "made", "pixelcnn_8bit", "pixelcnn_8bit_cond"):
         assert (work / "data/models" / name / "model.pt").is_file()
         assert (work / "data/models" / name / "samples.png").stat().st_size > 100
         metrics = json.loads((work / "data/metrics/train" / f"{name}.json").read_text())
-        assert 0.0 < metrics["test_bpd"] < (8.0 if name.endswith("8bit") else 1.0)  # below uniform
+        assert 0.0 < metrics["test_bpd"] < (8.0 if "8bit" in name else 1.0)  # below uniform
         assert metrics["test_nll"] == pytest.approx(metrics["test_bpd"] * 64 * math.log(2))
         assert metrics["best_epoch"] >= 1
         history = (work / "data/plots/train" / f"{name}.csv").read_text().splitlines()
@@ -140,8 +140,9 @@ def test_outputs_and_metrics(repo: tuple[Path, dict[str, str], str]) -> None:
     # dvc metrics show: the compact headline only, one row per density model, the same keys in each
     shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], work, env))
     files = next(iter(shown.values()))["data"]
+    cond = ["pixelcnn_8bit_cond", *(f"pixelcnn_8bit_cond-{s}" for s in ("pred", "disagree", "combined"))]
     assert set(files) == {
-        f"data/metrics/headline/{m}.json" for m in ("fvsbn", "nade", "made", "pixelcnn_8bit")
+        f"data/metrics/headline/{m}.json" for m in ("fvsbn", "nade", "made", "pixelcnn_8bit", *cond)
     }
     made = files["data/metrics/headline/made.json"]["data"]
     assert made["test_bpd"] == pytest.approx(metrics_of(work, "made")["test_bpd"], abs=1e-4)
