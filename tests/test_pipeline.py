@@ -254,6 +254,7 @@ def test_mlflow_parent_and_children(repo: tuple[Path, dict[str, str], str]) -> N
         "train@nade",
         "train@pixelcnn_8bit",
         "train@pixelcnn_8bit_background",
+        "train@pixelcnn_8bit_cond",
     ]
     assert all(r.info.status == "FINISHED" for r in [parent, *children])
     assert parent.data.tags["git.commit"] != "unknown" and parent.data.tags["git.dirty"] == "false"
