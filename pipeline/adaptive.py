@@ -1,13 +1,13 @@
-"""DVC stage `adaptive`: Foolbox attacks that know the detector (classifier + the BPD threshold of the
-8-bit model ``adaptive.model`` at ``detect.fpr``): the sets ``adaptive_pgd_e<k>`` and ``adaptive_cw``
-(``ardetect.adaptive.adaptive_attacks``)."""
+"""DVC stage `adaptive`: Foolbox attacks that know the detector (classifier + the BPD threshold of
+``adaptive.model`` at ``detect.fpr``, and the conditional detector of ``adaptive.conditional_model``):
+the sets ``adaptive_pgd_e<k>``, ``adaptive_cw``, ``adaptive_cond_*`` (``adaptive.adaptive_attacks``)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from ardetect import layout
-from ardetect.adaptive import AdaptiveParams, adaptive_attacks, adaptive_problems
+from ardetect.adaptive import AdaptiveParams, adaptive_attacks, adaptive_problems, load_densities
 from ardetect.attacks import AttackParams
 from ardetect.classifier import load_classifier
 from ardetect.configs import config_dataclass, load_sections
@@ -15,7 +15,6 @@ from ardetect.data import load_split
 from ardetect.detection import DetectParams
 from ardetect.devices import resolve_device
 from ardetect.io import staged_outputs, write_json
-from ardetect.models import load_model, trained_model_paths
 from ardetect.scoring import ScoreParams
 from ardetect.tracking import TrackingParams, run_stage, stage_run
 from ardetect.training import ModelEntry, TrainSection
@@ -39,24 +38,20 @@ def main() -> None:
     params = load_sections(StageParams)
     p = params.adaptive
     device = resolve_device(p.device, "adaptive.device")
-    names = [p.model] + ([p.conditional_model] if p.conditional_model else [])
-    paths = trained_model_paths(layout.MODELS, names)  # fails first, naming what is missing
-    model = load_model(paths[p.model]).to(device)
-    conditional = load_model(paths[p.conditional_model]).to(device) if p.conditional_model else None
+    model, conditional = load_densities(p, layout.MODELS, device)  # fails first, naming what is missing
     clf = load_classifier(layout.CLASSIFIER, device)
     test = load_split(layout.split_path("test"))
     inputs = [layout.DATASET, layout.MODELS]
     with stage_run("adaptive", params.tracking, params=dataclasses.asdict(p), inputs=inputs) as run:
-        result = adaptive_attacks(
-            clf, model, test, p, params.attack, params.score, params.detect.fpr, device, conditional
-        )
+        fpr = params.detect.fpr
+        result = adaptive_attacks(clf, model, test, p, params.attack, params.score, fpr, device, conditional)
         with staged_outputs(layout.ADAPTIVE, layout.ADAPTIVE_METRICS) as (out, metrics_path):
             out.mkdir()
             for f in result.save(out):
                 run.log_artifact(f)
             metrics = result.metrics(p.sweep_steps)
-            for slug, m in metrics["sets"].items():
-                run.log_headline(m, prefix=f"adaptive/{slug}")
+            for r in result.all_results:
+                run.log_headline(r.summary(), prefix=f"adaptive/{r.attack_set.slug}")
             write_json(metrics_path, metrics)
         print("\n".join(result.lines()))
 

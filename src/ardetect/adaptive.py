@@ -536,13 +536,32 @@ class AdaptiveRun:
         examples = adversarial_figure(self.images, self.labels, self.results)
         return [save_figure(sweep, folder / "sweep.png"), save_figure(examples, folder / "examples.png")]
 
+    @property
+    def all_results(self) -> list[AdaptiveResult]:
+        """Every adaptive set: against the BPD detector, then against the conditional one."""
+        return self.results + (self.conditional[2] if self.conditional else [])
+
     def lines(self) -> list[str]:
-        results = self.results + (self.conditional[2] if self.conditional else [])
+        results = self.all_results
         return [
             f"{slug}: classifier fooled {m['classifier_success']:.0%}, of those not flagged "
             f"{m['evasion_rate']:.0%}, both {m['joint_success']:.0%} (scale {self.scale:g})"
             for slug, m in ((r.attack_set.slug, r.summary()) for r in results)
         ]
+
+
+def load_densities(
+    params: AdaptiveParams, folder: Path, device: torch.device
+) -> tuple[ARModel, ARModel | None]:
+    """The attacked model and the conditional one (None when ``conditional_model`` is null) from
+    ``folder``; a missing checkpoint fails before any work, naming it."""
+    from ardetect.models import load_model, trained_model_paths
+
+    names = [params.model] + ([params.conditional_model] if params.conditional_model else [])
+    paths = trained_model_paths(folder, names)
+    model = load_model(paths[params.model]).to(device)
+    cond = params.conditional_model
+    return model, load_model(paths[cond]).to(device) if cond else None
 
 
 def adaptive_attacks(
