@@ -88,8 +88,8 @@ class AdaptiveParams(AdaptiveConfig):
     # a class-conditional 8-bit model whose combined detector (marginal BPD or disagreement) is attacked
     # too, on the first conditional_images originals (K passes per step: 10x the cost per image)
     conditional_model: str | None = "pixelcnn_8bit_cond"
-    conditional_images: PositiveInt = 16
-    conditional_steps: PositiveInt = 25  # PGD steps, and CW steps per binary-search step
+    conditional_images: PositiveInt = 12
+    conditional_steps: PositiveInt = 20  # PGD steps, and CW steps per binary-search step
     device: Device = "auto"
     progress: bool = True
 

@@ -81,7 +81,7 @@ class TrainParams:
     num_samples: PositiveInt = 16
     # class-conditional models: test images (the first N) for the marginal NLL and the generative
     # classifier's accuracy, K passes each (null: the whole test split); the conditional NLL uses all
-    marginal_test_images: PositiveInt | None = 1000
+    marginal_test_images: PositiveInt | None = 500
     progress: bool = True
 
 
