@@ -1,6 +1,6 @@
-"""DVC stage `purify`: PixelDefend purification of the attacked originals and every attack set (not the
-ones aimed at the conditional detector) at each ε_defend, the classifier before and after, and BPDA PGD
-through the purifier (see ardetect.purify)."""
+"""DVC stage `purify`: PixelDefend purification of the attacked originals and each attack set (but those
+aimed at the conditional detector) per ε_defend, the classifier before and after, and BPDA PGD through
+the purifier (see ardetect.purify)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,7 @@ def main() -> None:
     check_purifier(density := load_model(model_path).to(device).eval())
     clf = load_classifier(layout.CLASSIFIER, device)
     test = load_split(layout.split_path("test"))
-    files = sorted(layout.ATTACKS.glob("*.npz")) + sorted(layout.ADAPTIVE.glob("adaptive_[!c]*.npz"))
-    sets = evaluation_sets(test["images"], test["labels"], files, p.num_images)
+    sets = evaluation_sets(test["images"], test["labels"], layout.attack_files(False), p.num_images)
     inputs = [layout.DATASET, layout.ATTACKS, layout.ADAPTIVE, model_path.parent, layout.CLASSIFIER]
     with stage_run("purify", params.tracking, params=dataclasses.asdict(p), inputs=inputs) as run:
         result = run_purify(clf, density, sets, p, device)

@@ -36,7 +36,7 @@ def main() -> None:
     model_paths = trained_model_paths(layout.MODELS, detectors)  # fails first, naming what is missing
     train, test = (load_split(layout.split_path(s)) for s in ("train", "test"))
     clf = load_classifier(layout.CLASSIFIER, device)
-    attack_files = sorted(layout.ATTACKS.glob("*.npz")) + sorted(layout.ADAPTIVE.glob("*.npz"))
+    attack_files = layout.attack_files()
     sets = images_to_score(train, test, lambda x: predict(clf, x), attack_files, p)
     models = load_scorers(model_paths, params.binarize.mode)
     with stage_run("score", params.tracking, params=dataclasses.asdict(p), inputs=INPUTS) as run:

@@ -32,7 +32,9 @@ def _layout_paths() -> set[str]:
     """layout's Path constants and its one-argument functions called with the placeholder name."""
     paths = {v for v in vars(layout).values() if isinstance(v, Path)}
     for name, f in vars(layout).items():
-        if inspect.isfunction(f) and f.__module__ == layout.__name__ and not name.startswith("split"):
+        if not (inspect.isfunction(f) and f.__module__ == layout.__name__) or name.startswith("split"):
+            continue
+        if inspect.signature(f).return_annotation in (Path, "Path"):  # path builders, not file listings
             paths.add(f(NAME))
     return {p.as_posix() for p in paths}
 

@@ -74,3 +74,12 @@ def train_plot(name: str) -> Path:
 def checkpoint_dir(name: str) -> Path:
     """Best and resume checkpoints of a training run in progress (a killed run resumes from here)."""
     return CHECKPOINTS / name
+
+
+def attack_files(conditional: bool = True) -> list[Path]:
+    """Every attack-set file, the oblivious attacks' then the adaptive ones (``conditional=False``: not
+    those aimed at the class-conditional detector, ``adaptive_cond_*``)."""
+    adaptive = sorted(ADAPTIVE.glob("*.npz"))
+    if not conditional:
+        adaptive = [f for f in adaptive if not f.name.startswith("adaptive_cond_")]
+    return sorted(ATTACKS.glob("*.npz")) + adaptive
