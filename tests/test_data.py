@@ -128,13 +128,13 @@ def test_offline_without_a_local_copy_says_how_to_get_the_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Point the canonical download at a closed local port: the real download code runs and fails fast.
-    monkeypatch.setattr(data.TORCHVISION_CLASSES["mnist"], "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setattr(data.torchvision_classes()["mnist"], "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(DataError) as info:
         load_raw("mnist", None, tmp_path)
     msg = str(info.value)
     assert "torchvision download of MNIST" in msg and "data.root" in msg and "digits" in msg
     monkeypatch.setitem(data.DEBIAN_FOLDERS, "fashion-mnist", tmp_path / "absent")
-    monkeypatch.setattr(data.TORCHVISION_CLASSES["fashion-mnist"], "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setattr(data.torchvision_classes()["fashion-mnist"], "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         load_raw("fashion-mnist", None, tmp_path)
 

@@ -12,21 +12,23 @@ Images are stored as gray-level ``uint8`` arrays of shape (N, 1, H, W) with ``in
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from pydantic import NonNegativeInt, PositiveInt
-from torchvision import datasets as tv_datasets
-from torchvision.datasets.utils import check_integrity
 
 from ardetect.configs import Fraction, config_dataclass
+
+if TYPE_CHECKING:
+    from torchvision.datasets import MNIST
 
 
 @config_dataclass
@@ -54,10 +56,18 @@ class BinarizeParams:
 
 
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "digits")
-TORCHVISION_CLASSES: dict[str, type[tv_datasets.MNIST]] = {
-    "mnist": tv_datasets.MNIST,
-    "fashion-mnist": tv_datasets.FashionMNIST,
-}
+TORCHVISION_DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
+
+
+@functools.cache
+def torchvision_classes() -> dict[str, type[MNIST]]:
+    """torchvision's dataset classes (their files, checksums and mirrors), imported on first use: importing
+    torchvision costs some 3 s, which every stage reading the splits would otherwise pay."""
+    from torchvision import datasets
+
+    return {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
+
+
 DEBIAN_FOLDERS: dict[str, Path] = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 APT_PACKAGES: dict[str, str] = {"fashion-mnist": "dataset-fashion-mnist"}
 #: SHA-256 of the decompressed IDX files (identical for the canonical and the Debian archives).
@@ -110,6 +120,8 @@ def _read_verified(folder: Path, gz_name: str, md5: str, dataset: str) -> bytes:
     gz_path, raw_path = folder / gz_name, folder / raw_name
     known = IDX_SHA256.get(dataset, {}).get(raw_name)
     if gz_path.is_file():
+        from torchvision.datasets.utils import check_integrity
+
         md5_ok = check_integrity(str(gz_path), md5)
         try:
             with gzip.open(gz_path, "rb") as fh:
@@ -156,7 +168,7 @@ def _check_idx_structure(content: bytes, path: Path) -> None:
 
 def _install_into_torchvision_root(folder: Path, dataset: str, cache: Path) -> None:
     """Verify the files in ``folder`` and lay them out where torchvision's class reads them."""
-    cls = TORCHVISION_CLASSES[dataset]
+    cls = torchvision_classes()[dataset]
     raw = cache / cls.__name__ / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for gz_name, md5 in cls.resources:
@@ -168,7 +180,7 @@ def _install_into_torchvision_root(folder: Path, dataset: str, cache: Path) -> N
 
 
 def _from_torchvision(dataset: str, cache: Path, download: bool) -> tuple[Split, Split]:
-    cls = TORCHVISION_CLASSES[dataset]
+    cls = torchvision_classes()[dataset]
     splits = []
     for train in (True, False):
         ds = cls(root=str(cache), train=train, download=download)
@@ -199,7 +211,7 @@ def load_raw(dataset: str, root: str | Path | None, cache: Path) -> RawDataset:
         bunch = load_digits()
         images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
         return RawDataset(Split(images, bunch.target.astype(np.int64)), None, "sklearn.datasets.load_digits")
-    if dataset not in TORCHVISION_CLASSES:
+    if dataset not in TORCHVISION_DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
     tried: list[str] = []
     folders: list[tuple[str, Path]] = []
@@ -219,12 +231,12 @@ def load_raw(dataset: str, root: str | Path | None, cache: Path) -> RawDataset:
             continue
         train, test = _from_torchvision(dataset, cache, download=False)
         return RawDataset(train, test, f"{label}: {folder}")
-    tried.append(f"torchvision download of {TORCHVISION_CLASSES[dataset].__name__} into {cache}")
+    tried.append(f"torchvision download of {torchvision_classes()[dataset].__name__} into {cache}")
     try:
         train, test = _from_torchvision(dataset, cache, download=True)
     except (RuntimeError, OSError) as err:
         raise DataError(_no_data_message(dataset, tried, err)) from err
-    return RawDataset(train, test, f"torchvision download: {TORCHVISION_CLASSES[dataset].mirrors[0]}")
+    return RawDataset(train, test, f"torchvision download: {torchvision_classes()[dataset].mirrors[0]}")
 
 
 # ------------------------------------------------------------------------------------------ splits

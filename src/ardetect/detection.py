@@ -31,8 +31,6 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 from pydantic import NonNegativeInt, PositiveInt
-from scipy.stats import DegenerateDataWarning, bootstrap, rankdata
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from ardetect.attacksets import AttackSet
 from ardetect.configs import Fraction, config_dataclass
@@ -84,6 +82,8 @@ def _scores(values: ArrayLike, what: str) -> np.ndarray:
 
 def roc(scores_neg: ArrayLike, scores_pos: ArrayLike) -> RocCurve:
     """ROC curve and AUROC of separating positives (higher scores) from negatives."""
+    from sklearn.metrics import roc_auc_score, roc_curve  # lazily: importing sklearn costs ~3 s
+
     neg, pos = _scores(scores_neg, "scores_neg"), _scores(scores_pos, "scores_pos")
     y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
     s = np.r_[neg, pos]
@@ -93,6 +93,8 @@ def roc(scores_neg: ArrayLike, scores_pos: ArrayLike) -> RocCurve:
 
 def _auroc_rows(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """AUROC of each row pair, neg (R, n), pos (R, m), via Mann-Whitney U with mid-ranks for ties."""
+    from scipy.stats import rankdata
+
     m = pos.shape[1]
     ranks = rankdata(np.concatenate([neg, pos], axis=1), axis=1)  # (R, n + m)
     u = ranks[:, neg.shape[1] :].sum(1) - m * (m + 1) / 2  # (R,)
@@ -135,6 +137,8 @@ def bootstrap_auroc_ci(
         )
     if len(neg) < 2 or len(pos) < 2:
         return float("nan"), float("nan")
+    from scipy.stats import DegenerateDataWarning, bootstrap
+
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateDataWarning)  # BCa undefined: percentile below

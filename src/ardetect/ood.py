@@ -49,7 +49,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from PIL import Image
 from pydantic import NonNegativeInt, PositiveInt
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from ardetect.configs import Device, config_dataclass
@@ -361,6 +360,8 @@ def score_sets(
 
 def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
     """AUROC of scores where higher = more anomalous: P(positive scores above negative), ties count half."""
+    from sklearn.metrics import roc_auc_score
+
     y = np.r_[np.zeros(len(negative)), np.ones(len(positive))]
     return float(roc_auc_score(y, np.r_[negative, positive]))
 

@@ -20,7 +20,6 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from scipy.stats import gaussian_kde
 
 from ardetect import layout
 from ardetect.attacksets import CONTROLS, AttackSet, format_epsilon, sorted_sets
@@ -77,6 +76,8 @@ def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
     """One panel per model (PixelDefend's figure): BPD densities of the clean originals and of each
     attack family at its smallest ε, overlaid (Gaussian KDE; a family with < 2 distinct values is a rug),
     and the detection threshold calibrated at ``fpr`` on the model's ``calib`` rows (dashed)."""
+    from scipy import stats  # lazily: importing scipy.stats costs ~2 s in every importing stage
+
     groups = _by_model(scores)
     if not groups:
         raise ValueError("the score table has no adversarial rows to draw BPD densities for")
@@ -98,7 +99,7 @@ def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
                 ax.plot(v, np.zeros_like(v), "|", markersize=12, color=color, label=label)
                 continue
             kw = {"color": color, "linewidth": 2.2} if color else {"linewidth": 1.4}
-            ax.plot(grid, gaussian_kde(v)(grid), label=label, **kw)
+            ax.plot(grid, stats.gaussian_kde(v)(grid), label=label, **kw)
         calib = scores.loc[(scores["model"] == model) & (scores["source"] == "calib"), "bpd"]
         if len(calib):
             tau = threshold_at_fpr(calib, fpr)
