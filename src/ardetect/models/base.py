@@ -325,14 +325,29 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.mask * self.weight, self.bias)
 
 
-def label_bias(num_classes: int, channels: int) -> nn.Embedding | None:
-    """A learned per-channel bias per class (conditional PixelCNN, van den Oord et al. 2016), or None
-    for an unconditional model. Zero at initialisation: training starts from the unconditional model."""
-    if not num_classes:
-        return None
-    table = nn.Embedding(num_classes, channels)
-    nn.init.zeros_(table.weight)
-    return table
+def per_class(table: Tensor, y: Tensor) -> Tensor:
+    """Row ``y`` of ``table`` (K, ...) for each label: (B, ...). A one-hot matmul, not indexing: the
+    backward of an indexed lookup accumulates gradients in a thread-dependent order on the CPU, so
+    training would not be bit-for-bit reproducible."""
+    onehot = F.one_hot(y, table.shape[0]).to(table.dtype)  # (B, K)
+    return (onehot @ table.flatten(1)).view(len(y), *table.shape[1:])
+
+
+class LabelBias(nn.Module):
+    """A learned per-channel bias per class (conditional PixelCNN, van den Oord et al. 2016), (B, C)."""
+
+    def __init__(self, num_classes: int, channels: int) -> None:
+        super().__init__()
+        # zero at initialisation: training starts from the unconditional model
+        self.weight = nn.Parameter(torch.zeros(num_classes, channels))
+
+    def forward(self, y: Tensor) -> Tensor:
+        return per_class(self.weight, y)  # (B, C)
+
+
+def label_bias(num_classes: int, channels: int) -> LabelBias | None:
+    """The label's per-channel bias for a conditional model; None for an unconditional one."""
+    return LabelBias(num_classes, channels) if num_classes else None
 
 
 def shift_right(seq: Tensor, start: Tensor) -> Tensor:

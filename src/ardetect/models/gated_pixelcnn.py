@@ -30,7 +30,7 @@ from pydantic import NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from ardetect.configs import config_dataclass
-from ardetect.models.base import ARModel, PixelLogitHead, label_bias
+from ardetect.models.base import ARModel, PixelLogitHead, label_bias, per_class
 
 
 @config_dataclass
@@ -133,5 +133,5 @@ class GatedPixelCNN(ARModel):
             v, h, skip = layer(v, h, y)  # (B, ch, H, W) each
             skips = skips + skip
         if self.label_maps is not None and y is not None:
-            skips = skips + self.label_maps[y]  # location-dependent conditioning, (B, ch, H, W)
+            skips = skips + per_class(self.label_maps, y)  # location-dependent conditioning, (B, ch, H, W)
         return self.head(skips)  # (B, 1, H, W) or (B, levels, 1, H, W)

@@ -20,7 +20,7 @@ from pydantic import NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from ardetect.configs import config_dataclass
-from ardetect.models.base import ARModel, PixelLogitHead, label_bias
+from ardetect.models.base import ARModel, PixelLogitHead, label_bias, per_class
 
 
 @config_dataclass
@@ -130,4 +130,4 @@ class PixelCNN(ARModel):
     def _label_map(self, which: int, y: Tensor) -> Tensor | float:
         if self.label_maps is None:
             return 0.0
-        return self.label_maps[which][y].permute(0, 3, 1, 2)  # (B, ch, H, W), channels-last strides
+        return per_class(self.label_maps[which], y).permute(0, 3, 1, 2)  # (B, ch, H, W), channels-last
