@@ -24,6 +24,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_pipeline_runs_land_on_the_server(server: str, tmp_path: Path) -> None:
     params = tiny_params()
     params["train"]["models"] = ["fvsbn", "pixelcnn_8bit"]  # adaptive.model must be a trained 8-bit model
+    params["adaptive"]["conditional_model"] = None  # no conditional model trained here
     params["tracking"]["experiment"] = "ardetect-server-test"
     env = snapshot_repo(tmp_path, params, server)
     run([str(BIN / "dvc"), "repro", "train@fvsbn"], tmp_path, env)
