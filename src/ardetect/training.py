@@ -43,6 +43,7 @@ from pydantic import (
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ardetect.conditional import class_log_probs
 from ardetect.configs import Device, as_plain, config_dataclass, error_lines
 from ardetect.data import BinarizeParams, TrainingData, mutation_resampler, training_data
 from ardetect.distributed import Ranks
@@ -251,15 +252,6 @@ def evaluate_nll(
         y = None if labels is None else labels[i : i + batch_size].to(device)
         out.append(-model.log_prob(data[i : i + batch_size].to(device), y).double().cpu())
     return torch.cat(out)  # (N,)
-
-
-@torch.inference_mode()
-def evaluate_class_log_probs(model: ARModel, data: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """log p(x | y = k) of a class-conditional model for every image and class, (N, K) float64 on the CPU."""
-    model.eval()
-    rows = max(1, batch_size // model.num_classes)  # images per step: K model rows each
-    chunks = [data[i : i + rows].to(device) for i in range(0, len(data), rows)]
-    return torch.cat([model.class_log_probs(x).double().cpu() for x in chunks])  # (N, K)
 
 
 def mean_nll(
@@ -685,7 +677,7 @@ class DensityTraining:
         extra: dict[str, float] = {}
         if model.num_classes:
             n = min(len(test), self.params.marginal_test_images or len(test))
-            per_class = evaluate_class_log_probs(model, test[:n], batch, self.device)  # (n, K)
+            per_class = torch.from_numpy(class_log_probs(model, test[:n], batch, self.device))  # (n, K)
             marginal = torch.logsumexp(per_class, 1) - math.log(model.num_classes)  # (n,)
             test_nll = -marginal.mean().item()
             labels = self.data.labels["test"][:n]
