@@ -95,6 +95,38 @@ def test_nade_kernel_settings_do_not_change_the_function() -> None:
         assert torch.allclose(model(x).double(), ref, atol=1e-5), (block, chunk)
 
 
+@pytest.mark.parametrize(
+    ("shape", "hidden", "batch"),
+    [((1, 28, 28), 32, 70), ((1, 5, 7), 8, 3), ((1, 1, 1), 4, 2), ((3, 4, 4), 16, 65)],
+)
+def test_nade_scoring_path_equals_the_training_path(
+    shape: tuple[int, int, int], hidden: int, batch: int
+) -> None:
+    """Without autograd a large enough CPU batch streams over pixels (``streamed_logits``); with it, the
+    blocked kernel runs. Both give the recursion's logits, for binary and continuous inputs."""
+    torch.manual_seed(0)
+    model = build_model("nade", shape, hidden=hidden)
+    assert isinstance(model, NADE)
+    randomize(model, 4)
+    if batch < model.stream_min_batch:
+        model.stream_min_batch = 1  # small shapes and batches stream too
+    for x in (torch.randint(0, 2, (batch, *shape)).float(), torch.rand(batch, *shape)):
+        v = x.flatten(1)
+        assert not model.streams(v)
+        blocked = model(x)
+        with torch.no_grad():
+            assert model.streams(v)
+            streamed = model(x)
+        with torch.inference_mode():
+            assert torch.equal(model(x), streamed)
+        assert streamed.shape == x.shape and streamed.is_contiguous()
+        assert torch.allclose(streamed, blocked, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(streamed.double(), nade_reference(model, x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.stream_min_batch = batch + 1
+        assert not model.streams(v)  # a smaller batch than the threshold takes the blocked kernel
+
+
 @pytest.mark.parametrize("levels", [2, 256])
 def test_pixelcnn_matches_dense_masked_convolutions(levels: int) -> None:
     torch.manual_seed(0)
