@@ -15,11 +15,13 @@ from ardetect.models.base import ARModel
 from ardetect.purify import (
     BPDAPurifier,
     DecodeStats,
+    ReceptiveField,
     evaluation_sets,
     markdown_section,
     purify,
     purify_reference,
     receptive_field,
+    window,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +77,26 @@ def test_fast_decoding_equals_full_forward_decoding(arch: str, eps: int) -> None
     assert stats.passes < 100  # fewer passes than pixels
     assert torch.equal(purify(model, x, eps, init=random_images(3, (1, 10, 10), seed=99)), reference)
     assert (reference != x).any()  # purification did something
+
+
+def test_pixelcnnpp_purifies_in_the_window_and_fast_equals_reference() -> None:
+    """PixelDefend's own model (its U-net has no config-derived field: the whole image is the crop) on an
+    image whose sizes do not halve evenly: fast decoding equals the reference bit for bit, and purified
+    levels are whole numbers in the window and in 0..255."""
+    torch.manual_seed(0)
+    hp = {"filters": 6, "resnets_per_stage": 1, "stages": 2, "mixtures": 3}
+    model = build_model("pixelcnnpp", (1, 5, 7), levels=256, **hp).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    assert receptive_field(model) == ReceptiveField(up=5, left=7, right=7)
+    x = random_images(3, (1, 5, 7))
+    for eps in (2, 16):
+        reference = purify_reference(model, x, eps)
+        assert torch.equal(purify(model, x, eps), reference)
+        lo, hi = window(x, eps)
+        assert ((reference >= lo) & (reference <= hi)).all() and torch.equal(reference, reference.round())
+        assert reference.min() >= 0 and reference.max() <= 255 and (reference != x).any()
 
 
 def test_greedy_choice_is_the_windowed_argmax_of_the_marginalized_joint() -> None:

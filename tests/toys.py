@@ -39,6 +39,8 @@ TINY: dict[str, Tiny] = {
     "pixelcnn": Tiny({"channels": 8, "blocks": 2, "head_channels": 8}, "some"),
     "gated_pixelcnn": Tiny(dict(channels=6, layers=4, kernel_size=3, input_kernel_size=3, head_channels=8)),
     "transformer": Tiny({"d_model": 16, "heads": 2, "layers": 2}),
+    # two resolutions (3x3 -> 2x2, 4x5 -> 2x3, 1x2 -> 1x1): the down- and up-sampling paths are exercised
+    "pixelcnnpp": Tiny({"filters": 4, "resnets_per_stage": 1, "stages": 2, "mixtures": 2}),
 }
 
 

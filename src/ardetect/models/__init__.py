@@ -19,11 +19,13 @@ from ardetect.models.gated_pixelcnn import GatedPixelCNN
 from ardetect.models.made import MADE
 from ardetect.models.nade import NADE
 from ardetect.models.pixelcnn import PixelCNN
+from ardetect.models.pixelcnnpp import PixelCNNPP
 from ardetect.models.rnn import RasterLSTM
 from ardetect.models.transformer import PixelTransformer
 
 REGISTRY: dict[str, type[ARModel]] = {
-    cls.name: cls for cls in (FVSBN, NADE, MADE, RasterLSTM, PixelCNN, GatedPixelCNN, PixelTransformer)
+    cls.name: cls
+    for cls in (FVSBN, NADE, MADE, RasterLSTM, PixelCNN, GatedPixelCNN, PixelCNNPP, PixelTransformer)
 }
 
 
