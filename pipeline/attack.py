@@ -1,33 +1,27 @@
 """DVC stage `attack`: Foolbox attacks on the first N correctly classified test images.
 
 One .npz per attack and ε under data/attacks/ (adversarial uint8 images, source test index, success
-before/after 8-bit rounding, predicted label, perturbation norms), a summary table, and a figure.
+before/after 8-bit rounding, predicted label, perturbation norms), a summary table, and a figure. Under
+torchrun each rank attacks its share of the batches; rank 0 alone logs to MLflow, writes and prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from ardetect import layout
-from ardetect.attacks import (
-    AttackParams,
-    attack_metrics,
-    attack_summary,
-    attacked_originals,
-    run_attacks,
-    save_attacks,
-)
+from ardetect import attacks, layout
 from ardetect.classifier import load_classifier
 from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import load_split
 from ardetect.devices import resolve_device
+from ardetect.distributed import on_lead, process_group
 from ardetect.io import staged_outputs, write_json
 from ardetect.tracking import TrackingParams, run_stage, stage_run
 
 
 @config_dataclass
 class StageParams:
-    attack: AttackParams = dataclasses.field(default_factory=AttackParams)
+    attack: attacks.AttackParams = dataclasses.field(default_factory=attacks.AttackParams)
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
 
@@ -38,22 +32,25 @@ def main() -> None:
     test = load_split(layout.split_path("test"))
     model = load_classifier(layout.CLASSIFIER, device)
     inputs = [layout.DATASET, layout.CLASSIFIER]
-    with stage_run("attack", params.tracking, params=dataclasses.asdict(p), inputs=inputs) as run:
-        index = attacked_originals(model, test, p.num_images)
+    with on_lead(stage_run("attack", params.tracking, params=dataclasses.asdict(p), inputs=inputs)) as run:
+        index = attacks.attacked_originals(model, test, p.num_images)
         images, labels = test["images"][index], test["labels"][index]
-        results = run_attacks(model, images, labels, p, device=device, progress=p.progress)
-        summary = attack_summary(results)
+        results = attacks.run_attacks(model, images, labels, p, device=device, progress=p.progress)
+        if run is None:  # another rank than 0: it attacked its share, rank 0 has every result
+            return
+        summary = attacks.attack_summary(results)
         with staged_outputs(layout.ATTACKS, layout.ATTACK_METRICS) as (out, metrics_path):
             out.mkdir()
-            summary_csv, examples = save_attacks(out, results, index, images, labels)
+            summary_csv, examples = attacks.save_attacks(out, results, index, images, labels)
             for _, row in summary.iterrows():
                 rates = {k: row[k] for k in ("success_after_rounding", "success_before_rounding")}
                 run.log_headline(rates, prefix=f"attack/{row['set']}")
             run.log_artifact(examples)
             run.log_artifact(summary_csv)
-            write_json(metrics_path, attack_metrics(summary))
+            write_json(metrics_path, attacks.attack_metrics(summary))
         print(summary.to_string(index=False))
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    with process_group():  # one process, or a rank of torchrun's (before any CUDA work)
+        run_stage(main)

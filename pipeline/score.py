@@ -1,5 +1,6 @@
 """DVC stage `score`: BPD of clean and adversarial images (``scoring.images_to_score``) under every
-trained density model (binary models by the training data's binarisation, 8-bit models exactly)."""
+trained density model (binary models by the training data's binarisation, 8-bit models exactly); under
+torchrun each rank scores a share of the batches, and rank 0 alone logs to MLflow, writes and prints."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ardetect.classifier import load_classifier, predict
 from ardetect.configs import config_dataclass, load_sections
 from ardetect.data import BinarizeParams, load_split
 from ardetect.devices import resolve_device
+from ardetect.distributed import on_lead, process_group
 from ardetect.io import staged_outputs, write_json
 from ardetect.models import trained_model_paths
 from ardetect.scoring import ScoreParams, images_to_score, load_scorers, score_metrics, score_table
@@ -36,13 +38,12 @@ def main() -> None:
     model_paths = trained_model_paths(layout.MODELS, detectors)  # fails first, naming what is missing
     train, test = (load_split(layout.split_path(s)) for s in ("train", "test"))
     clf = load_classifier(layout.CLASSIFIER, device)
-    attack_files = layout.attack_files()
-    sets = images_to_score(train, test, lambda x: predict(clf, x), attack_files, p)
+    sets = images_to_score(train, test, lambda x: predict(clf, x), layout.attack_files(), p)
     models = load_scorers(model_paths, params.binarize.mode)
-    with stage_run("score", params.tracking, params=dataclasses.asdict(p), inputs=INPUTS) as run:
-        table, speed = score_table(
-            models, sets, p, device, progress=p.progress, threshold=params.binarize.threshold
-        )
+    with on_lead(stage_run("score", params.tracking, params=dataclasses.asdict(p), inputs=INPUTS)) as run:
+        table, speed = score_table(models, sets, p, device, p.progress, params.binarize.threshold)
+        if run is None:  # another rank than 0: it scored its share, rank 0 has the whole table
+            return
         metrics = score_metrics(table, speed)
         with staged_outputs(layout.SCORES_DIR, layout.SCORE_METRICS) as (out, metrics_path):
             out.mkdir()
@@ -55,4 +56,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    with process_group():  # one process, or a rank of torchrun's (before any CUDA work)
+        run_stage(main)

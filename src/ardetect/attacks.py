@@ -26,6 +26,16 @@ Minimisation attacks sit just across the decision boundary and spread sub-level 
 pixels that rounding erases: on Fashion-MNIST, L2 DeepFool (overshoot 0.02) fooled 100% before rounding
 and ~32% after; CW (confidence 0) 99% and ~87%. Raise ``deepfool_overshoot`` / ``cw_confidence`` to
 keep more of them.
+
+Under ``torchrun`` each rank attacks one contiguous range of whole batches (``Ranks.shard_range`` with
+``batch_size`` as the block) and the results are gathered in rank order: every batch is the very batch
+one process attacks, so the results are the same, bit for bit, as one process's (with the same threads
+per process). That takes two things. Batches, not images, are shared out, because an attack's arithmetic
+on a batch (batched convolutions, CW's summed loss) may depend on its size and composition; so with
+fewer batches than ranks some ranks idle (lower ``batch_size`` to spread a small N). And the attacks
+draw from one seeded stream across batches (PGD's random start, the noise): a rank first advances the
+stream past the draws of the batches before its own (:data:`RANDOM_DRAWS`, :func:`skip_random_draws`),
+and :func:`check_stream_handover` fails if a rank did not start where the rank before it ended.
 """
 
 from __future__ import annotations
@@ -50,16 +60,22 @@ from pydantic import (
     PositiveInt,
     field_validator,
 )
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ardetect.attacksets import AttackOutput, AttackSet, save_attack_set
 from ardetect.classifier import ArrayLike, as_labels, predict, seeded
 from ardetect.configs import Device, config_dataclass
+from ardetect.distributed import Ranks
 
 FIXED_EPSILON_ATTACKS = ("fgsm", "pgd", "noise")
 MINIMIZATION_ATTACKS = ("deepfool", "cw", "cw_conf")  # cw_conf: Carlini-Wagner at cw_high_confidence
 ATTACKS = FIXED_EPSILON_ATTACKS + MINIMIZATION_ATTACKS
+#: Random tensors of the batch's shape that an attack draws from torch's global RNG per batch and ε, as
+#: Foolbox 3.3 does it (``torch.rand`` through eagerpy's ``uniform``): PGD's random start
+#: (``LinfBaseGradientDescent.get_random_start``) and the noise (``UniformMixin.sample_noise``).
+#: FGSM, DeepFool and Carlini-Wagner draw nothing. :func:`check_stream_handover` catches a change.
+RANDOM_DRAWS = {"pgd": 1, "noise": 1}
 
 
 def _fraction(value: Any) -> Any:
@@ -218,6 +234,36 @@ def perturbation_norms(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.abs(flat).max(1, initial=0.0), np.sqrt((flat**2).sum(1))
 
 
+def rng_state(device: torch.device) -> Tensor:
+    """The state of torch's global RNG that random tensors on ``device`` come from (a CPU byte tensor)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def skip_random_draws(
+    draws: int, n: int, batch_size: int, shape: Sequence[int], device: torch.device | str
+) -> None:
+    """Advance torch's global RNG on ``device`` as ``draws`` float32 ``torch.rand`` tensors per batch of
+    the first ``n`` images (batches of ``batch_size``, images of ``shape``) would: where the stream
+    stands when one process reaches image ``n``."""
+    for i in range(0, n, batch_size):
+        for _ in range(draws):
+            torch.rand((min(batch_size, n - i), *shape), dtype=torch.float32, device=device)
+
+
+def check_stream_handover(ranks: Ranks, begin: Tensor, end: Tensor, what: str) -> None:
+    """RuntimeError unless each rank's RNG state ``begin`` (before its first batch) is the state ``end``
+    the rank before it ended with (after its last batch): a seeded stream shared out by batches must be
+    the one stream of one process. Nothing to check for one process."""
+    states = ranks.gather((begin, end))
+    for r in range(1, len(states)):
+        if not torch.equal(states[r][0], states[r - 1][1]):
+            raise RuntimeError(
+                f"{what}: rank {r} did not start from the random state rank {r - 1} ended with, so its "
+                "results would differ from one process's; the attack draws random numbers other than "
+                "ardetect.attacks.RANDOM_DRAWS says (a new Foolbox?)"
+            )
+
+
 def run_attacks(
     model: nn.Module,
     images_uint8: ArrayLike,
@@ -226,34 +272,47 @@ def run_attacks(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> list[AttackResult]:
-    """Run every attack in ``config`` on the given images; one result per attack and ε, in config order."""
+    """Run every attack in ``config`` on the given images; one result per attack and ε, in config order.
+
+    Under ``torch.distributed`` every rank calls it with the same arguments, attacks its range of whole
+    batches and gets every result (module docstring); only rank 0 shows progress."""
     x_all = _check_uint8_images(images_uint8)
     y_all = as_labels(labels, len(x_all))
     device = torch.device(device)
     model = model.to(device).eval()
     fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device=device)
     clean = x_all.float().numpy() / 255.0  # (N, C, H, W)
+    ranks = Ranks.current()
+    mine = ranks.shard_range(len(x_all), config.batch_size)  # this rank's images, in whole batches
     results: list[AttackResult] = []
     for name in config.attacks:
         attack = build_attack(name, config)
         epsilons: list[float | None] = list(config.epsilons) if name in FIXED_EPSILON_ATTACKS else [None]
-        advs: list[list[np.ndarray]] = [[] for _ in epsilons]
-        succ: list[list[np.ndarray]] = [[] for _ in epsilons]
+        batches: list[tuple[list[np.ndarray], list[np.ndarray]]] = []  # (E adversarials, E successes) each
         start = time.perf_counter()
         with seeded(config.seed, device):
-            batches = range(0, len(x_all), config.batch_size)
-            for i in tqdm(batches, desc=f"attack {name}", leave=False, disable=not progress):
+            draws = RANDOM_DRAWS.get(name, 0) * len(epsilons)
+            skip_random_draws(draws, mine.start, config.batch_size, x_all.shape[1:], device)
+            begin = rng_state(device)
+            steps = range(mine.start, mine.stop, config.batch_size)
+            for i in tqdm(steps, desc=f"attack {name}", leave=False, disable=not (progress and ranks.lead)):
                 xb = x_all[i : i + config.batch_size].to(device).float() / 255.0  # (B, C, H, W)
                 yb = y_all[i : i + config.batch_size].to(device)  # (B,)
                 _, clipped, success = attack(fmodel, xb, yb, epsilons=epsilons)  # success: (E, B)
-                for k in range(len(epsilons)):
-                    advs[k].append(clipped[k].detach().clamp(0, 1).cpu().numpy())
-                    succ[k].append(success[k].detach().cpu().numpy())
+                batches.append(
+                    (
+                        [clipped[k].detach().clamp(0, 1).cpu().numpy() for k in range(len(epsilons))],
+                        [success[k].detach().cpu().numpy() for k in range(len(epsilons))],
+                    )
+                )
+            end = rng_state(device)
+        batches = ranks.gather_rows(batches)  # every rank's batches, in order: one process's
+        check_stream_handover(ranks, begin, end, f"attack {name}")
         per_image = (time.perf_counter() - start) / max(len(x_all), 1)
         for k, eps in enumerate(epsilons):
-            raw = np.concatenate(advs[k]).astype(np.float32)  # (N, C, H, W) in [0, 1]
+            raw = np.concatenate([b[0][k] for b in batches]).astype(np.float32)  # (N, C, H, W) in [0, 1]
             failed = failure_sentinel(clean, raw, eps)
-            foolbox_success = np.concatenate(succ[k]).astype(bool) & ~failed
+            foolbox_success = np.concatenate([b[1][k] for b in batches]).astype(bool) & ~failed
             if config.round_to_8bit:
                 adversarial: np.ndarray = np.rint(raw * 255.0).clip(0, 255).astype(np.uint8)
                 scored = adversarial.astype(np.float32) / 255.0

@@ -1,22 +1,29 @@
-"""Several processes training one model (``torchrun``): joining the group, sharding, summing, broadcasting.
+"""Several processes sharing one stage (``torchrun``): joining the group, sharding, summing, broadcasting,
+gathering.
 
-Every rank holds the same data and draws the same permutation; each global batch is split into one
-contiguous shard per rank, and sums (losses, validation NLL) are all-reduced, so every rank sees the same
-numbers and takes the same decisions. Without torchrun everything here is a no-op on one process.
+Training: every rank holds the same data and draws the same permutation; each global batch is split into
+one contiguous shard per rank, and sums (losses, validation NLL) are all-reduced, so every rank sees the
+same numbers and takes the same decisions. Evaluation (attack, score, purify): every rank holds the same
+inputs, computes one contiguous range of them in whole batches (:meth:`Ranks.shard_range`), and the parts
+are joined in rank order on every rank (:meth:`Ranks.gather_rows`), so the result is the one process's.
+Without torchrun everything here is a no-op on one process.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+T = TypeVar("T")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -70,6 +77,36 @@ class Ranks:
         """This rank's contiguous part of ``batch`` (sizes differ by at most one; may be empty)."""
         return batch.tensor_split(self.world_size)[self.rank] if self.distributed else batch
 
+    def shard_range(self, n: int, block: int = 1) -> range:
+        """This rank's contiguous part of ``range(n)``, cut only between whole blocks of ``block`` items
+        (only the last block of all may be short). Ranks get numbers of blocks that differ by at most one,
+        the larger ones first, as :meth:`shard`'s ``tensor_split``; a rank may get none (an empty range).
+        With batches as blocks, every batch a rank computes is one that a single process computes.
+        ``range(n)`` for one process."""
+        if block < 1:
+            raise ValueError(f"block must be at least 1, got {block}")
+        if not self.distributed:
+            return range(n)
+        per, extra = divmod(-(-n // block), self.world_size)  # blocks per rank; `extra` ranks get one more
+        first = self.rank * per + min(self.rank, extra)
+        last = first + per + (self.rank < extra)
+        return range(min(n, first * block), min(n, last * block))
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` for one process).
+        Objects travel pickled through the CPU (gloo) group: keep tensors in them on the CPU."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_rows(self, part: T) -> T:
+        """This rank's rows ``part`` joined with every other rank's in rank order (:func:`concat_rows`),
+        the same on every rank: the whole result when each rank computed its :meth:`shard_range`.
+        ``part`` itself, untouched, for one process."""
+        return concat_rows(self.gather(part)) if self.distributed else part
+
     def scale(self, loss: Tensor, shard_size: int, batch_size: int) -> Tensor:
         """Weight a shard's mean loss by its share of the batch. DistributedDataParallel averages the W
         gradients, so the update equals one process's on the whole batch, uneven batches included."""
@@ -118,6 +155,29 @@ class Ranks:
         if not self.distributed:
             return module
         return DistributedDataParallel(module, forward_sync_buffers=False, static_graph=True)
+
+
+def concat_rows(parts: Sequence[Any]) -> Any:
+    """Per-rank parts joined in rank order: NumPy arrays and tensors along their first axis, lists end
+    to end, tuples and dicts item by item (each item joined the same way)."""
+    first = parts[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(first, Tensor):
+        return torch.cat(list(parts))
+    if isinstance(first, list):
+        return [row for part in parts for row in part]
+    if isinstance(first, tuple):
+        return tuple(concat_rows(items) for items in zip(*parts, strict=True))
+    if isinstance(first, dict):
+        return {k: concat_rows([part[k] for part in parts]) for k in first}
+    raise TypeError(f"cannot join per-rank parts of type {type(first).__name__}")
+
+
+def on_lead(context: AbstractContextManager[T]) -> AbstractContextManager[T | None]:
+    """``context`` on rank 0; on the other ranks a block that yields None and enters nothing (e.g. a
+    stage's MLflow run: only rank 0 opens it; ``context`` must do nothing until entered)."""
+    return context if Ranks.current().lead else nullcontext()
 
 
 @contextmanager

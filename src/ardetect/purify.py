@@ -25,6 +25,13 @@ pixel has been seen to differ on the trained ones either.
 
 Athalye et al. (2018)'s BPDA attacks the purifier: :class:`BPDAPurifier` purifies in its forward pass
 and lets the gradient through unchanged, and Foolbox's L∞ PGD runs on it (:func:`bpda_pgd`).
+
+Under ``torchrun`` (:func:`purify_sets`, :func:`bpda_pgd`) each rank takes one contiguous range of whole
+batches of ``batch_size`` images and the results are gathered in rank order: a batch's decoding passes
+depend on every image in it, so batches, not images, are shared out, each the very batch one process
+decodes, and the purified images are one process's, bit for bit (with the same threads per process).
+BPDA PGD's random starts come from one seeded stream across batches, which a rank first advances past
+the batches before its own (``attacks.skip_random_draws``, checked by ``attacks.check_stream_handover``).
 """
 
 from __future__ import annotations
@@ -45,10 +52,11 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_va
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ardetect.attacks import Epsilon
+from ardetect.attacks import Epsilon, check_stream_handover, rng_state, skip_random_draws
 from ardetect.attacksets import AttackSet
 from ardetect.classifier import predict, seeded
 from ardetect.configs import Device, config_dataclass
+from ardetect.distributed import Ranks
 from ardetect.models.base import ARModel
 from ardetect.models.gated_pixelcnn import GatedPixelCNN
 from ardetect.models.pixelcnn import PixelCNN
@@ -304,18 +312,31 @@ def bpda_pgd(
     params: PurifyParams,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Foolbox L∞ PGD (``params.bpda_*``) through purifier and classifier with BPDA; uint8 adversarials."""
+    """Foolbox L∞ PGD (``params.bpda_*``) through purifier and classifier with BPDA; uint8 adversarials.
+
+    Under ``torch.distributed`` every rank calls it with the same arguments, attacks its range of whole
+    batches and gets every adversarial (module docstring). A rank's first batch starts decoding from
+    scratch, where one process starts from the previous batch's purified images (when the shapes match):
+    that changes how many passes the decoding takes, not the greedy images it certifies (:func:`purify`;
+    but for the last-bit caveat of the module docstring, never seen), so not the attack either."""
     device = torch.device(device)
     wrapped = BPDAPurifier(classifier.to(device).eval(), density.to(device).eval(), eps_defend).eval()
     fmodel = fb.PyTorchModel(wrapped, bounds=(0.0, 1.0), device=device)
     attack = fb.attacks.LinfPGD(steps=params.bpda_steps, rel_stepsize=params.bpda_rel_stepsize)
+    ranks = Ranks.current()
+    mine = ranks.shard_range(len(images), params.batch_size)  # this rank's images, in whole batches
     advs = []
     with seeded(params.seed, device):
-        for i in range(0, len(images), params.batch_size):
+        skip_random_draws(1, mine.start, params.batch_size, images.shape[1:], device)  # one random start
+        begin = rng_state(device)
+        for i in range(mine.start, mine.stop, params.batch_size):
             x = torch.as_tensor(images[i : i + params.batch_size]).float().to(device) / 255.0  # (B, 1, H, W)
             y = torch.as_tensor(labels[i : i + params.batch_size]).long().to(device)  # (B,)
             _, clipped, _ = attack(fmodel, x, y, epsilons=params.bpda_epsilon)
             advs.append(clipped.detach().clamp(0, 1).cpu().numpy())
+        end = rng_state(device)
+    advs = ranks.gather_rows(advs)  # every rank's batches, in order: one process's
+    check_stream_handover(ranks, begin, end, "BPDA PGD")
     return np.rint(np.concatenate(advs) * 255.0).astype(np.uint8)  # (N, 1, H, W), stored as 8-bit images
 
 
@@ -351,13 +372,23 @@ def purify_sets(
     progress: bool = False,
     stats: DecodeStats | None = None,
 ) -> list[PurifiedSet]:
-    """Purify every ``slug -> (uint8 images, labels)`` set (in one stream of batches) and classify both."""
+    """Purify every ``slug -> (uint8 images, labels)`` set (in one stream of batches) and classify both.
+
+    Under ``torch.distributed`` every rank calls it with the same arguments, purifies its range of whole
+    batches of the stream and gets every result; ``stats`` then counts the work of all ranks, and only
+    rank 0 shows progress."""
     sizes = [len(images) for images, _ in sets.values()]
     everything = np.concatenate([images for images, _ in sets.values()])  # (sum N, 1, H, W)
-    purified = np.split(
-        purify_images(density, everything, eps_defend, batch_size, device, progress, stats),
-        np.cumsum(sizes)[:-1],
-    )
+    ranks, work = Ranks.current(), DecodeStats()  # work: this rank's decoding
+    share = ranks.shard_range(len(everything), batch_size)  # this rank's images, in whole batches
+    mine = everything[share.start : share.stop]
+    part = purify_images(density, mine, eps_defend, batch_size, device, progress and ranks.lead, work)
+    purified = np.split(ranks.gather_rows(part), np.cumsum(sizes)[:-1])  # one process's purified stream
+    if stats is not None:
+        for w in ranks.gather(work):
+            stats.images += w.images
+            stats.passes += w.passes
+            stats.pixels += w.pixels
     return [
         PurifiedSet(
             slug, eps_defend, images, labels, after, predict(classifier, images), predict(classifier, after)
@@ -522,6 +553,11 @@ class PurifyRun:
 
     def metrics(self) -> dict[str, dict[str, dict[str, float]]]:
         return as_metrics(self.results)
+
+    def headline(self) -> dict[str, float]:
+        """Every number of :meth:`metrics` under one flat name ``eps<k>/<set>/<key>`` (MLflow metrics)."""
+        return {f"eps{e}/{s}/{k}": v for e, sets in self.metrics().items()
+                for s, m in sets.items() for k, v in m.items()}  # fmt: skip
 
     def save_figures(self, folder: Path) -> list[Path]:
         """``folder/examples_eps<k>.png``: the ``SHOWN`` sets and the BPDA set before and after."""

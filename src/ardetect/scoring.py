@@ -11,6 +11,12 @@ meets the model depends on the model's levels:
   so a score depends neither on the batch size nor on the other images in the batch;
 * 8-bit models (``levels == 256``): the exact BPD of the uint8 image (``binarization`` must be ``None``;
   standard error 0).
+
+Under ``torchrun``, :func:`score_table` shares each model's work out by whole batches: the batches of
+every set, one after the other, are cut into one contiguous range per rank (``Ranks.shard_range``), each
+rank scores its batches (each the very batch one process scores, with the same row seeds), and the
+parts are gathered in order, so the table is one process's, bit for bit (with the same threads per
+process).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ardetect.conditional import class_log_probs, conditional_scores
 from ardetect.configs import Device, config_dataclass
+from ardetect.distributed import Ranks
 from ardetect.models.base import ARModel
 
 Binarization = Literal["static", "dynamic"] | None
@@ -89,7 +96,7 @@ def gray_to_unit(gray: ArrayLike, image_shape: tuple[int, ...]) -> Tensor:
 def levels_for_256(p: Tensor) -> Tensor:
     levels = p * 255.0
     rounded = levels.round()
-    if (levels - rounded).abs().max() > 1e-3:
+    if levels.numel() and (levels - rounded).abs().max() > 1e-3:
         raise ValueError("float images scored by a 256-level model must be multiples of 1/255 (gray/255)")
     return rounded
 
@@ -178,7 +185,10 @@ def score_table(
     progress: bool = True,
     threshold: float = 0.5,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """The tidy score table (one row per model × image) and each model's scoring images/second."""
+    """The tidy score table (one row per model × image) and each model's scoring images/second.
+
+    Under ``torch.distributed`` every rank calls it with the same arguments, scores its range of each
+    model's batches and gets the whole table (module docstring); only rank 0 shows progress."""
     frames, speed = [], {}
     for name, (model, _) in models.items():
         for s in sets:  # shape errors before any scoring work
@@ -187,33 +197,70 @@ def score_table(
                     f"model {name!r} was trained on images of shape {model.image_shape}, but the "
                     f"{s.source} set {s.attack or ''} has shape {tuple(s.images.shape[1:])}"
                 )
+    ranks = Ranks.current()
     for name, (model, binarization) in models.items():
-        start, count = time.perf_counter(), 0
-        for s in tqdm(sets, desc=f"score {name}", disable=not progress):
-            scores = model_scores(model, binarization, s, config, device, threshold)
+        start, count = time.perf_counter(), sum(len(s.images) for s in sets)
+        if model.num_classes and model.levels != 256:
+            raise ValueError(f"{model.name}: only 8-bit class-conditional models are scored")
+        step = batch_rows(model, binarization, config)
+        batches = [(k, i) for k, s in enumerate(sets) for i in range(0, len(s.images), step)]
+        share = ranks.shard_range(len(batches))  # this rank's batches: a contiguous range of them all
+        mine = batches[share.start : share.stop]
+        show = progress and ranks.lead
+        parts = [
+            (k, raw_scores(model, binarization, sets[k], i, i + step, config, device, threshold))
+            for k, i in tqdm(mine, desc=f"score {name}", disable=not show)
+        ]
+        parts = ranks.gather_rows(parts)  # every rank's batches, in order: one process's
+        for k, s in enumerate(sets):
+            raw = [part for j, part in parts if j == k] or [
+                raw_scores(model, binarization, s, 0, 0, config, device, threshold)  # an empty set
+            ]
+            scores = finish_scores(model, s, tuple(np.concatenate(a) for a in zip(*raw)))
             frames += [_frame(s, name + suffix, bpd, se) for suffix, (bpd, se) in scores.items()]
-            count += len(s.images)
         speed[name] = count / max(time.perf_counter() - start, 1e-9)
     return pd.concat(frames, ignore_index=True), speed
 
 
-def model_scores(
+def batch_rows(model: ARModel, binarization: Binarization, config: ScoreConfig) -> int:
+    """Images per forward pass when scoring with ``model``: :func:`score_bpd`'s batches, or for a
+    class-conditional model ``conditional.class_log_probs``'s (``config.batch_size`` rows each)."""
+    if model.num_classes:
+        return max(1, config.batch_size // model.num_classes)
+    return max(1, config.batch_size // config.num_draws) if binarization == "dynamic" else config.batch_size
+
+
+def raw_scores(
     model: ARModel,
     binarization: Binarization,
     s: ImageSet,
+    lo: int,
+    hi: int,
     config: ScoreConfig,
     device: torch.device | str,
     threshold: float,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """BPD and standard error of the set's images under ``model``, keyed by model-name suffix: ``""``
-    alone, or for a class-conditional model its marginal, ``-pred`` and ``-disagree`` scores
-    (``ardetect.conditional``; exact, standard error 0)."""
+) -> tuple[np.ndarray, ...]:
+    """What ``model`` computes for the set's images ``lo:hi`` (row numbers seed the draws as in the
+    whole set): (BPD, standard error), each (n,), or a class-conditional model's (n, K) class
+    log-likelihoods. Batches start at ``lo``: with ``lo`` a multiple of :func:`batch_rows`, they are
+    the whole set's batches."""
     if not model.num_classes:
-        return {"": score_bpd(model, s.images, binarization, config, device, False, threshold)}
-    if model.levels != 256:
-        raise ValueError(f"{model.name}: only 8-bit class-conditional models are scored")
-    levels = levels_for_256(gray_to_unit(s.images, model.image_shape))  # (N, C, H, W)
-    per_class = class_log_probs(model, levels, config.batch_size, device)  # (N, K)
+        rows = np.arange(lo, min(hi, len(s.images)))
+        return score_bpd(model, s.images[lo:hi], binarization, config, device, False, threshold, rows=rows)
+    levels = levels_for_256(gray_to_unit(s.images[lo:hi], model.image_shape))  # (n, C, H, W)
+    return (class_log_probs(model, levels, config.batch_size, device),)  # (n, K)
+
+
+def finish_scores(
+    model: ARModel, s: ImageSet, raw: tuple[np.ndarray, ...]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """BPD and standard error of the set's images, from the whole set's :func:`raw_scores`, keyed by
+    model-name suffix: ``""`` alone, or for a class-conditional model its marginal, ``-pred`` and
+    ``-disagree`` scores (``ardetect.conditional``; exact, standard error 0)."""
+    if not model.num_classes:
+        bpd, se = raw
+        return {"": (bpd, se)}
+    (per_class,) = raw
     zero = np.zeros(len(per_class))
     return {k: (v, zero) for k, v in conditional_scores(per_class, s.prediction, model.num_dims).items()}
 
