@@ -453,8 +453,8 @@ def conditional_section(train: Mapping[str, Mapping[str, float]], detection: pd.
     return "\n".join([
         "## Class-conditional detector",
         "",
-        "A conditional PixelCNN p(x | y) (the label a learned bias in every layer and a per-class map at "
-        "the input and the head) gives four detectors: `m` the marginal BPD, -log2 p(x)/D with "
+        "A conditional PixelCNN p(x | y) (the label a learned bias and a per-class map in every layer) "
+        "gives four detectors: `m` the marginal BPD, -log2 p(x)/D with "
         "p(x) = (1/K) Σ_y p(x | y); `m-pred` the BPD given the classifier's label ŷ; `m-disagree` the "
         "generative disagreement -log2 p_gen(ŷ | x)/D = (log Σ_y p(x | y) - log p(x | ŷ))/(D ln 2); "
         "`m-combined` the smaller of the calibrated p-values of `m` and `m-disagree` (-log10; thresholds "
