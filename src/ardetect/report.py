@@ -72,6 +72,17 @@ def roc_figure(scores: pd.DataFrame) -> Figure:
     return fig
 
 
+def score_axis_label(model: str) -> str:
+    """What a score-table model's ``bpd`` column holds (``conditional`` and ``detection.with_combined``)."""
+    if model.endswith("-combined"):
+        return "-log10 of the smaller calibrated p-value"
+    if model.endswith("-disagree"):
+        return "generative disagreement -log2 p_gen(ŷ | x) / D"
+    if model.endswith("-pred"):
+        return "bits per dimension given ŷ"
+    return "bits per dimension"
+
+
 def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
     """One panel per model (PixelDefend's figure): BPD densities of the clean originals and of each
     attack family at its smallest ε, overlaid (Gaussian KDE; a family with < 2 distinct values is a rug),
@@ -104,7 +115,7 @@ def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
         if len(calib):
             tau = threshold_at_fpr(calib, fpr)
             ax.axvline(tau, color="gray", linestyle="--", label=f"threshold at {fpr:.0%} FPR ({tau:.3g})")
-        ax.set(title=model, xlabel="bits per dimension", ylabel="density")
+        ax.set(title=model, xlabel=score_axis_label(model), ylabel="density")
         ax.set_xlim(grid[0], grid[-1])
         ax.legend(fontsize=7)
     return fig
