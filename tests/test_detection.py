@@ -202,7 +202,9 @@ def test_report_figures_and_markdown(tmp_path: Path) -> None:
         "noise ε=0.1 (n=200)",
     ]
     assert hist_fig.axes[0].get_xlabel() == "bits per dimension"
-    relabelled = scores.assign(model=scores["model"] + np.where(scores["model"] == "made", "-combined", "-disagree"))
+    relabelled = scores.assign(
+        model=scores["model"] + np.where(scores["model"] == "made", "-combined", "-disagree")
+    )
     assert {ax.get_title(): ax.get_xlabel() for ax in bpd_density_figure(relabelled).axes} == {
         "made-combined": "-log10 of the smaller calibrated p-value",
         "fvsbn-disagree": "generative disagreement -log2 p_gen(ŷ | x) / D",
