@@ -292,6 +292,10 @@ def test_failed_carlini_wagner_is_not_a_success() -> None:
     summary = attack_summary([r])
     assert summary.loc[0, "success_after_rounding"] == 0 and summary.loc[0, "failed"] == 3
     assert np.isnan(summary.loc[0, "mean_l2"])
+    fig = adversarial_figure(x, y, [r], n=3)
+    failed_row = fig.axes[3:]  # no black square drawn as if it were the attack's output
+    assert [ax.get_title() for ax in failed_row] == ["failed"] * 3
+    assert all(np.array_equal(ax.get_images()[0].get_array(), x[j, 0]) for j, ax in enumerate(failed_row))
 
 
 def test_failure_sentinel_only_flags_unreachable_black() -> None:

@@ -398,7 +398,9 @@ def adversarial_figure(
 ) -> Figure:
     """Grid: the first ``n`` originals on top, each attack's adversarial versions below (title = prediction).
 
-    Images where the attack failed (after rounding) are titled in gray.
+    Images where the attack did not fool the classifier (after rounding) are titled in gray. Where it
+    failed outright (Foolbox's all-zero sentinel) there is no adversarial to show: the original is drawn
+    faded, titled "failed", so no black square reads as an attack's output.
     """
     x = _check_uint8_images(originals).numpy()
     y = as_labels(labels, len(x)).numpy()
@@ -417,6 +419,10 @@ def adversarial_figure(
     for i, r in enumerate(results, start=1):
         imgs = r.adversarial.astype(np.float32) / (255.0 if r.adversarial.dtype == np.uint8 else 1.0)
         for j in range(n):
+            if r.failed[j]:
+                axes[i, j].imshow(x[j, 0], cmap="gray", vmin=0, vmax=255, alpha=0.25)
+                axes[i, j].set_title("failed", fontsize=8, color="gray")
+                continue
             axes[i, j].imshow(imgs[j, 0], cmap="gray", vmin=0, vmax=1)
             color = "tab:red" if r.success[j] else "gray"
             axes[i, j].set_title(label(int(r.prediction[j])), fontsize=8, color=color)
