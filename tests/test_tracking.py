@@ -110,6 +110,25 @@ WORK = textwrap.dedent(
 )
 
 
+# -------------------------------------------------------------------------------- the parent run
+
+
+def test_headline_metrics_and_all_params_land_on_the_parent_run_in_batches(
+    store: Any, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More than one MLflow batch (100 params, 1,000 entities) of each: none lost, none renamed."""
+    monkeypatch.chdir(tmp_path)
+    grid = {f"k{i}": i for i in range(150)}
+    all_params = {"grid": grid, "data": {"dataset": "digits"}}
+    headline = {f"m{i}": i / 2 for i in range(1200)}
+    with stage_run("detect", tracking(request), params={}, all_params=all_params, root=tmp_path) as run:
+        run.log_headline(headline, prefix="detect")
+    parent = store.get_run(run.parent_id).data
+    assert parent.params == {"data.dataset": "digits", **{f"grid.k{i}": str(i) for i in range(150)}}
+    assert parent.metrics == {f"detect/m{i}": i / 2 for i in range(1200)}
+    assert store.get_run(run.run_id).data.metrics == headline
+
+
 # ------------------------------------------------------------------------------------------- datasets
 
 

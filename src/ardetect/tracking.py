@@ -306,12 +306,12 @@ class StageRun:
     def log_headline(self, metrics: Mapping[str, float], prefix: str) -> None:
         """Final metrics on this run, and on the parent as ``<prefix>/<name>`` for side-by-side views."""
         import mlflow
+        from mlflow.entities import Metric
 
         mlflow.log_metrics(dict(metrics))
-        client = mlflow.MlflowClient()
         ts = int(time.time() * 1000)
-        for k, v in metrics.items():
-            client.log_metric(self.parent_id, f"{prefix}/{k}", float(v), timestamp=ts)
+        mirrored = [Metric(f"{prefix}/{k}", float(v), ts, 0) for k, v in metrics.items()]
+        mlflow.MlflowClient().log_batch(self.parent_id, metrics=mirrored)  # one by one: ~5 ms a metric
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         import mlflow
@@ -415,8 +415,10 @@ def _parent_run(experiment_id: str, root: Path, all_params: Mapping[str, Any] | 
         tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     run = client.create_run(experiment_id, run_name=pipeline_run_name(root), tags=tags)
     if all_params:
-        for k, v in flatten(all_params).items():
-            client.log_param(run.info.run_id, k, str(v)[:6000])
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(all_params).items()]
+        client.log_batch(run.info.run_id, params=params)  # MLflow splits it into batches of 100
     return str(run.info.run_id)
 
 
