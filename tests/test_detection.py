@@ -205,10 +205,23 @@ def test_report_figures_and_markdown(tmp_path: Path) -> None:
     relabelled = scores.assign(
         model=scores["model"] + np.where(scores["model"] == "made", "-combined", "-disagree")
     )
-    assert {ax.get_title(): ax.get_xlabel() for ax in bpd_density_figure(relabelled).axes} == {
+    panels = {ax.get_title(): ax for ax in bpd_density_figure(relabelled).axes}
+    assert {title: ax.get_xlabel() for title, ax in panels.items()} == {
         "made-combined": "-log10 of the smaller calibrated p-value",
-        "fvsbn-disagree": "generative disagreement -log2 p_gen(ŷ | x) / D",
+        "fvsbn-disagree": "log10 of disagreement -log2 p_gen(ŷ | x) / D (floor 1e-05)",
     }
+    # the disagreement is drawn in log10 (floored), its threshold too; other scores as they are
+    rows = (relabelled["model"] == "fvsbn-disagree") & (relabelled["source"] == "calib")
+    calib = relabelled.loc[rows, "bpd"]
+    tau = threshold_at_fpr(calib, 0.05)
+    (threshold,) = [ln for ln in panels["fvsbn-disagree"].get_lines() if ln.get_linestyle() == "--"]
+    assert threshold.get_xdata()[0] == pytest.approx(np.log10(max(tau, 1e-5)))
+    floored = relabelled.assign(bpd=np.where(relabelled["model"] == "fvsbn-disagree", 0.0, relabelled["bpd"]))
+    (floor_panel,) = [ax for ax in bpd_density_figure(floored).axes if ax.get_title() == "fvsbn-disagree"]
+    rugs = [ln for ln in floor_panel.get_lines() if ln.get_marker() == "|"]
+    assert rugs and all(np.all(ln.get_xdata() == -5.0) for ln in rugs), "all zeros: a rug at the floor"
+    attacked = floored.loc[floored["source"] == "adversarial", "image_id"].nunique()
+    assert len(rugs[0].get_xdata()) == attacked, "each clean original once, equal scores not merged"
     p_fig = pvalue_histogram_figure(scores)
     pv = with_pvalues(scores)
     assert pv["pvalue"].between(0, 1).all()

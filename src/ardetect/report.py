@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,24 @@ def score_axis_label(model: str) -> str:
     return "bits per dimension"
 
 
+DISAGREE_FLOOR = 1e-5  # bits/dim; at D = 784 a disagreement below it means p_gen(ŷ | x) > 0.994
+
+
+def density_axis(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """How ``bpd_density_figure`` draws a model's score: the generative disagreement on a log10 axis
+    (a third of clean images score exactly 0 and the rest span ten decades: linear, the panel is one
+    spike at 0), floored at ``DISAGREE_FLOOR``; every other score as it is."""
+    if model.endswith("-disagree"):
+        label = f"log10 of disagreement -log2 p_gen(ŷ | x) / D (floor {DISAGREE_FLOOR:g})"
+        return (lambda v: np.log10(np.maximum(v, DISAGREE_FLOOR))), label
+    return (lambda v: np.asarray(v, dtype=float)), score_axis_label(model)
+
+
 def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
     """One panel per model (PixelDefend's figure): BPD densities of the clean originals and of each
     attack family at its smallest ε, overlaid (Gaussian KDE; a family with < 2 distinct values is a rug),
-    and the detection threshold calibrated at ``fpr`` on the model's ``calib`` rows (dashed)."""
+    and the detection threshold calibrated at ``fpr`` on the model's ``calib`` rows (dashed); the axis
+    of each model's score is ``density_axis``'s."""
     from scipy import stats  # lazily: importing scipy.stats costs ~2 s in every importing stage
 
     groups = _by_model(scores)
@@ -98,13 +112,18 @@ def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
         for g in gs:  # report order: the smallest ε of each family comes first
             if len(g.pos):
                 firsts.setdefault(g.attack, g)
-        clean = np.unique(np.concatenate([g.neg for g in gs]))
+        shown, xlabel = density_axis(model)
+        rows = scores[scores["model"] == model]
+        attacked = rows.loc[rows["source"] == "adversarial", "image_id"]
+        originals = rows[(rows["source"] == "test") & rows["image_id"].isin(attacked)]  # each image once
+        clean = shown(originals["bpd"].to_numpy())
         curves = [("clean originals", clean, "black")] + [
-            (f"{g.attack_set.label} (n={len(g.pos)})", g.pos, None) for g in firsts.values()
+            (f"{g.attack_set.label} (n={len(g.pos)})", shown(g.pos), None) for g in firsts.values()
         ]
         values = np.concatenate([v for _, v, _ in curves])
         lo, hi = np.quantile(values, [0.002, 0.998])
-        grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 400)
+        pad = 0.05 * (hi - lo) or 0.5  # every value equal: a unit-wide axis around it
+        grid = np.linspace(lo - pad, hi + pad, 400)
         for label, v, color in curves:
             if len(np.unique(v)) < 2:
                 ax.plot(v, np.zeros_like(v), "|", markersize=12, color=color, label=label)
@@ -114,8 +133,9 @@ def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
         calib = scores.loc[(scores["model"] == model) & (scores["source"] == "calib"), "bpd"]
         if len(calib):
             tau = threshold_at_fpr(calib, fpr)
-            ax.axvline(tau, color="gray", linestyle="--", label=f"threshold at {fpr:.0%} FPR ({tau:.3g})")
-        ax.set(title=model, xlabel=score_axis_label(model), ylabel="density")
+            line = float(shown(np.array([tau]))[0])
+            ax.axvline(line, color="gray", linestyle="--", label=f"threshold at {fpr:.0%} FPR ({tau:.3g})")
+        ax.set(title=model, xlabel=xlabel, ylabel="density")
         ax.set_xlim(grid[0], grid[-1])
         ax.legend(fontsize=7)
     return fig
