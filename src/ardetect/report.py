@@ -130,7 +130,7 @@ def bpd_density_figure(scores: pd.DataFrame, fpr: float = 0.05) -> Figure:
                 continue
             kw = {"color": color, "linewidth": 2.2} if color else {"linewidth": 1.4}
             ax.plot(grid, stats.gaussian_kde(v)(grid), label=label, **kw)
-        calib = scores.loc[(scores["model"] == model) & (scores["source"] == "calib"), "bpd"]
+        calib = rows.loc[rows["source"] == "calib", "bpd"]
         if len(calib):
             tau = threshold_at_fpr(calib, fpr)
             line = float(shown(np.array([tau]))[0])
