@@ -208,7 +208,7 @@ def test_report_figures_and_markdown(tmp_path: Path) -> None:
     panels = {ax.get_title(): ax for ax in bpd_density_figure(relabelled).axes}
     assert {title: ax.get_xlabel() for title, ax in panels.items()} == {
         "made-combined": "-log10 of the smaller calibrated p-value",
-        "fvsbn-disagree": "log10 of disagreement -log2 p_gen(ŷ | x) / D (floor 1e-05)",
+        "fvsbn-disagree": "log10 disagreement, bits/dim (≥ 1e-05)",
     }
     # the disagreement is drawn in log10 (floored), its threshold too; other scores as they are
     rows = (relabelled["model"] == "fvsbn-disagree") & (relabelled["source"] == "calib")

@@ -91,7 +91,7 @@ def density_axis(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     (a third of clean images score exactly 0 and the rest span ten decades: linear, the panel is one
     spike at 0), floored at ``DISAGREE_FLOOR``; every other score as it is."""
     if model.endswith("-disagree"):
-        label = f"log10 of disagreement -log2 p_gen(ŷ | x) / D (floor {DISAGREE_FLOOR:g})"
+        label = f"log10 disagreement, bits/dim (≥ {DISAGREE_FLOOR:g})"
         return (lambda v: np.log10(np.maximum(v, DISAGREE_FLOOR))), label
     return (lambda v: np.asarray(v, dtype=float)), score_axis_label(model)
 
