@@ -4,9 +4,9 @@ each stage's seconds and each model's test NLL / BPD and training throughput.
 
 Needs neither DVC nor a DVC repository (a bare GPU machine has no DVC): the stage list, the `foreach`
 expansion and the order come from dvc.yaml and the profile here. MLflow logs to a file store in the scratch
-folder (`mlruns/`: it needs no SQLAlchemy, so mlflow-skinny suffices) unless MLFLOW_TRACKING_URI says
-otherwise. The JSON is rewritten after every stage, and a
-failed stage, the --deadline-seconds or SIGTERM stop the run with what it has (`"complete": false`).
+folder (`mlruns/`: it needs no SQLAlchemy, so mlflow-skinny suffices; no system metrics there, see
+`ardetect.tracking`) unless MLFLOW_TRACKING_URI says otherwise. The JSON is rewritten after every stage,
+and a failed stage, the --deadline-seconds or SIGTERM stop the run with what it has (`"complete": false`).
 
     python benchmarks/gpu_pipeline.py --profile profiles/gpu.yaml --data-root DIR_WITH_IDX_FILES \\
         --deadline-seconds 540 --out benchmarks/results/gpu-h200-pipeline.json

@@ -31,6 +31,7 @@ from ardetect.tracking import (
     PID_TAG,
     StageTerminated,
     TrackingParams,
+    is_file_store,
     run_stage,
     stage_run,
 )
@@ -267,6 +268,35 @@ def test_runs_log_system_metrics_and_the_parent_is_named_after_the_commit_or_exp
         time.sleep(0.6)
     assert store.get_run(named.parent_id).info.run_name == "longer-8bit"
     assert not any(k.startswith("system/") for k in store.get_run(named.run_id).data.metrics)
+
+
+def test_a_file_store_gets_no_system_metrics_whose_files_would_race_with_the_stages_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """MLflow's sampler thread creates a metric file, then appends to it; a ``get_run`` in the stage's
+    thread (every ``log_artifact``) in between raised "Metric 'system/...' is malformed" in CI."""
+    import mlflow
+
+    assert is_file_store((tmp_path / "mlruns").as_uri()) and is_file_store(str(tmp_path / "mlruns"))
+    assert not is_file_store("sqlite:///mlflow.db") and not is_file_store("http://127.0.0.1:5000")
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("ARDETECT_PIPELINE_ID", request.node.name)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    (tmp_path / "a.txt").write_text("x")
+    try:
+        with stage_run("attack", tracking(request), params={}, root=tmp_path) as run:
+            for _ in range(20):  # 1 s of get_run calls, ten sampler periods
+                run.log_artifact(tmp_path / "a.txt")
+                time.sleep(0.05)
+        logged = mlflow.MlflowClient(uri).get_run(run.run_id)
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+    assert logged.info.status == "FINISHED"
+    assert not any(k.startswith("system/") for k in logged.data.metrics)
 
 
 # ------------------------------------------------------------------------------------- user errors

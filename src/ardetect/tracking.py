@@ -11,10 +11,11 @@ also for queued experiments, which DVC runs in temporary copies). A tracking *se
 within seconds with ``TrackingUnavailableError``; it never falls back to another store.
 
 Each stage run also records, the way MLflow's UI shows them: its data dependencies as datasets (the
-Dataset column; digest = DVC's md5 of the dep), system metrics (CPU, memory, disk, GPU every 2 s),
-and its process (pid, host), so that the next start of the stage can mark a run whose process was
-SIGKILLed as KILLED (it would stay RUNNING forever) and remove the temporary files it left. SIGTERM
-marks the run KILLED itself. ``run_stage`` turns the known user errors into one line and exit code 2.
+Dataset column; digest = DVC's md5 of the dep), system metrics (CPU, memory, disk, GPU every 2 s; not
+on a file store, whose metric files race with reads), and its process (pid, host), so that the next
+start of the stage can mark a run whose process was SIGKILLed as KILLED (it would stay RUNNING forever)
+and remove the temporary files it left. SIGTERM marks the run KILLED itself. ``run_stage`` turns the
+known user errors into one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -444,9 +445,21 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _system_metrics_enabled() -> bool:
-    """On unless the user set MLflow's own switch ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` off."""
-    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
+def is_file_store(uri: str) -> bool:
+    """MLflow's file store: a ``file:`` URI or a plain local path (no scheme, or a Windows drive)."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    return scheme == "file" or len(scheme) <= 1
+
+
+def _system_metrics_enabled(uri: str) -> bool:
+    """On unless the user set MLflow's own switch ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` off, and off by
+    default on a file store: its metrics are files the sampler thread creates, then appends to, so a
+    ``get_run`` in the stage's own thread (``log_artifact`` calls one) that lands in between reads an empty
+    file and raises "Metric 'system/...' is malformed. No data found" (seen in CI, sampling every 2 s)."""
+    switch = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    if switch is None:
+        return not is_file_store(uri)
+    return switch.lower() not in ("false", "0")
 
 
 @contextmanager
@@ -504,7 +517,10 @@ def stage_run(
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=_system_metrics_enabled()
+        experiment_id=experiment_id,
+        run_name=stage,
+        tags=tags,
+        log_system_metrics=_system_metrics_enabled(uri),
     )
     status = "FAILED"
     try:
