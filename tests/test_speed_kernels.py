@@ -138,6 +138,11 @@ def test_pixelcnn_matches_dense_masked_convolutions(levels: int) -> None:
     ref = pixelcnn_reference(model, x)
     assert out.shape == ref.shape
     assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4)
+    if levels > 2:  # stored levels-last, so cross-entropy runs over a contiguous dim; same values either way
+        assert out.movedim(1, -1).is_contiguous() and not out.is_contiguous()
+        with torch.no_grad():
+            lp, lp_nchw = model.log_prob_from_logits(out, x), model.log_prob_from_logits(out.contiguous(), x)
+        assert torch.allclose(lp, lp_nchw, atol=1e-4, rtol=1e-6)
     # the likelihood and its gradients agree too (the layout of the logits feeds cross-entropy)
     model.log_prob(x).sum().backward()
     fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}

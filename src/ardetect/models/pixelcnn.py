@@ -124,7 +124,7 @@ class PixelCNN(ARModel):
         x = self.scale_input(x).contiguous(memory_format=torch.channels_last)  # (B, 1, H, W)
         h = self.input_conv(x)  # (B, ch, H, W), channels-last
         if self.input_label is None:
-            return self.head(self.blocks(h))  # (B, 1, H, W) or (B, levels, 1, H, W), NCHW-contiguous
+            return self.head(self.blocks(h))  # (B, 1, H, W) or (B, levels, 1, H, W), levels-last
         if y is None or self.head_label is None:
             raise self.missing_labels()
         h = h + self.input_label(y)[:, :, None, None] + self._label_map(0, y)  # (B, ch, H, W)
