@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from toys import digits_gray
 
@@ -306,3 +307,36 @@ def test_failure_sentinel_only_flags_unreachable_black() -> None:
     np.testing.assert_array_equal(failure_sentinel(clean, black, None), [True, True, False])
     np.testing.assert_array_equal(failure_sentinel(clean, black, 8 / 255), [True, False, False])
     np.testing.assert_array_equal(failure_sentinel(clean, clean, None), [False, False, False])
+
+
+def test_the_channels_last_classifier_is_the_nchw_function() -> None:
+    """Channels-last is a layout, not new values: the same logits and gradients as the same weights in
+    NCHW, and an NCHW state_dict (older checkpoints) loads as is."""
+    torch.manual_seed(0)
+    model = SmallCNN((1, 28, 28), TINY).eval()
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(5, 1, 28, 28, requires_grad=True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    conv1, conv2 = model.features[0], model.features[3]
+    ref_x = x.detach().clone().requires_grad_(True)  # NCHW input, NCHW weights, NCHW activations
+    h = F.max_pool2d(
+        torch.relu(
+            F.conv2d(ref_x, conv1.weight.clone(memory_format=torch.contiguous_format), conv1.bias, padding=1)
+        ),
+        2,
+    )
+    h = F.max_pool2d(
+        torch.relu(
+            F.conv2d(h, conv2.weight.clone(memory_format=torch.contiguous_format), conv2.bias, padding=1)
+        ),
+        2,
+    )
+    assert h.is_contiguous()
+    ref = model.head(h)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
+    fresh = SmallCNN((1, 28, 28), TINY).eval()
+    fresh.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    torch.testing.assert_close(fresh(x), out)

@@ -49,6 +49,7 @@ def tiny_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
     params["models"]["pixelcnn_8bit_background"] = {**params["models"]["pixelcnn_8bit"], "mutation_rate": 0.1}
     params["models"]["pixelcnn_8bit_cond"] = {**params["models"]["pixelcnn_8bit"], "conditional": True}
     params["train"]["defaults"]["marginal_test_images"] = 100
+    params["models"]["pixelcnn_8bit"]["train"]["eval_images"] = 150  # the first 150 val and test images
     # digits is the in-distribution set here; the 28x28 sets are resized to 8x8
     params["ood"].update(num_images=20, sets=["mnist", "flipped", "noise", "constant"], progress=False)
     params["classifier"].update(epochs=10, channels=[8, 16], hidden=32, lr=0.005, patience=10, progress=False)
@@ -135,6 +136,9 @@ def test_outputs_and_metrics(repo: tuple[Path, dict[str, str], str]) -> None:
         assert 0.0 < metrics["test_bpd"] < (8.0 if "8bit" in name else 1.0)  # below uniform
         assert metrics["test_nll"] == pytest.approx(metrics["test_bpd"] * 64 * math.log(2))
         assert metrics["best_epoch"] >= 1
+        assert 0.0 < metrics["test_bpd_se"] < 0.1 * metrics["test_bpd"]
+        cut = {"pixelcnn_8bit": 150, "pixelcnn_8bit_cond": 100}  # eval_images, marginal_test_images
+        assert metrics["test_images"] == cut[name] if name in cut else metrics["test_images"] > 150
         history = (work / "data/plots/train" / f"{name}.csv").read_text().splitlines()
         assert history[0].startswith("epoch,train_nll,val_nll") and len(history) == 3
     # dvc metrics show: the compact headline only, one row per density model, the same keys in each

@@ -8,10 +8,20 @@ import torch
 from torch import Tensor
 from toys import row_copies
 
+from ardetect.data import TrainingData, first_eval_images
 from ardetect.io import staged_outputs
 from ardetect.models import build_model, load_model
 from ardetect.models.fvsbn import FVSBN, FVSBNConfig
-from ardetect.training import NonFiniteLossError, TrainParams, evaluate_nll, fit, nats_to_bpd
+from ardetect.training import (
+    DensityTraining,
+    FitResult,
+    NonFiniteLossError,
+    TrainParams,
+    evaluate_nll,
+    fit,
+    model_entry_of,
+    nats_to_bpd,
+)
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync cost
@@ -140,3 +150,36 @@ def test_device_error_names_the_key_that_asked_for_cuda() -> None:
     assert resolve_device("auto", "attack.device") == torch.device("cpu")
     with pytest.raises(RuntimeError, match=r"attack.device is 'cuda' but no CUDA device is visible"):
         resolve_device("cuda", "attack.device")
+
+
+def test_eval_images_keeps_the_first_val_and_test_images_and_the_test_nll_reports_its_standard_error() -> (
+    None
+):
+    """The CPU default evaluates the first ``eval_images`` of val and test; the reported test NLL is their
+    mean, with its standard error and the count next to it."""
+    torch.manual_seed(0)
+    splits = {k: toy_data(n, seed) for seed, (k, n) in enumerate((("train", 40), ("val", 12), ("test", 10)))}
+    labels = {k: torch.arange(len(v)) % 2 for k, v in splits.items()}
+    data = TrainingData(splits["train"], splits["val"], splits["test"], (1, 4, 4), labels, 2)
+    assert first_eval_images(data, None) is data
+    cut = first_eval_images(data, 6)
+    assert torch.equal(cut.val, splits["val"][:6]) and torch.equal(cut.test, splits["test"][:6])
+    assert torch.equal(cut.labels["val"], labels["val"][:6]) and torch.equal(
+        cut.labels["test"], labels["test"][:6]
+    )
+    assert cut.train is data.train and torch.equal(
+        cut.labels["train"], labels["train"]
+    )  # training is untouched
+
+    model = build_model("fvsbn", (1, 4, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # images of unequal likelihood: a non-zero standard error
+    params = dataclasses.replace(PARAMS, eval_images=6)
+    job = DensityTraining("fvsbn", model_entry_of({"arch": "fvsbn"}), params, model, cut, cut.train, CPU)
+    metrics = job.metrics(FitResult(1, 0.0, [], 1.0, 1.0))
+    per_image = evaluate_nll(model, splits["test"][:6], 64, CPU)
+    assert metrics["test_images"] == 6
+    assert metrics["test_nll"] == pytest.approx(per_image.mean().item())
+    se = per_image.std().item() / 6**0.5
+    assert se > 0 and metrics["test_bpd_se"] == pytest.approx(nats_to_bpd(se, 16))

@@ -17,7 +17,7 @@ import gzip
 import hashlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -422,3 +422,11 @@ def training_data(
     labels = {name: torch.from_numpy(a["labels"]).long() for name, a in arrays.items()}
     num_classes = int(max(int(t.max()) for t in labels.values() if t.numel())) + 1
     return TrainingData(train, tensors["val"], tensors["test"], (c, h, w), labels, num_classes)
+
+
+def first_eval_images(data: TrainingData, n: int | None) -> TrainingData:
+    """``data`` with only the first ``n`` val and test images (and their labels); all for ``None``."""
+    if n is None:
+        return data
+    labels = {k: v[:n] if k in ("val", "test") else v for k, v in data.labels.items()}
+    return replace(data, val=data.val[:n], test=data.test[:n], labels=labels)
