@@ -318,20 +318,13 @@ def test_the_channels_last_classifier_is_the_nchw_function() -> None:
     x = torch.rand(5, 1, 28, 28, requires_grad=True)
     out = model(x)
     (grad,) = torch.autograd.grad(out.sum(), x)
-    conv1, conv2 = model.features[0], model.features[3]
+
+    def nchw_block(h: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+        weight = conv.weight.clone(memory_format=torch.contiguous_format)
+        return F.max_pool2d(torch.relu(F.conv2d(h, weight, conv.bias, padding=1)), 2)
+
     ref_x = x.detach().clone().requires_grad_(True)  # NCHW input, NCHW weights, NCHW activations
-    h = F.max_pool2d(
-        torch.relu(
-            F.conv2d(ref_x, conv1.weight.clone(memory_format=torch.contiguous_format), conv1.bias, padding=1)
-        ),
-        2,
-    )
-    h = F.max_pool2d(
-        torch.relu(
-            F.conv2d(h, conv2.weight.clone(memory_format=torch.contiguous_format), conv2.bias, padding=1)
-        ),
-        2,
-    )
+    h = nchw_block(nchw_block(ref_x, model.features[0]), model.features[3])
     assert h.is_contiguous()
     ref = model.head(h)
     (ref_grad,) = torch.autograd.grad(ref.sum(), ref_x)

@@ -152,9 +152,7 @@ def test_device_error_names_the_key_that_asked_for_cuda() -> None:
         resolve_device("cuda", "attack.device")
 
 
-def test_eval_images_keeps_the_first_val_and_test_images_and_the_test_nll_reports_its_standard_error() -> (
-    None
-):
+def test_eval_images_cuts_val_and_test_and_the_test_nll_has_its_standard_error() -> None:
     """The CPU default evaluates the first ``eval_images`` of val and test; the reported test NLL is their
     mean, with its standard error and the count next to it."""
     torch.manual_seed(0)
@@ -164,12 +162,10 @@ def test_eval_images_keeps_the_first_val_and_test_images_and_the_test_nll_report
     assert first_eval_images(data, None) is data
     cut = first_eval_images(data, 6)
     assert torch.equal(cut.val, splits["val"][:6]) and torch.equal(cut.test, splits["test"][:6])
-    assert torch.equal(cut.labels["val"], labels["val"][:6]) and torch.equal(
-        cut.labels["test"], labels["test"][:6]
-    )
-    assert cut.train is data.train and torch.equal(
-        cut.labels["train"], labels["train"]
-    )  # training is untouched
+    for split in ("val", "test"):
+        assert torch.equal(cut.labels[split], labels[split][:6])
+    assert cut.train is data.train  # training is untouched
+    assert torch.equal(cut.labels["train"], labels["train"])
 
     model = build_model("fvsbn", (1, 4, 4))
     with torch.no_grad():
