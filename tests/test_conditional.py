@@ -161,19 +161,34 @@ def test_unconditional_weights_are_unchanged_by_the_option() -> None:
 
 
 def test_scores_are_exact_on_a_tiny_model() -> None:
-    """Marginal, label and disagreement scores against explicit per-class log_prob calls; the
-    generative posterior they imply sums to one over the labels."""
-    from ardetect.conditional import class_log_probs, conditional_scores
+    """Marginal, label, disagreement and surprise scores against explicit per-class log_prob calls and
+    each pixel's conditional read off the logits; the generative posterior they imply sums to one."""
+    from ardetect.conditional import class_scores, conditional_scores
 
     model = conditional_model("pixelcnn", (1, 2, 3), 256)
     x = torch.randint(0, 256, (7, 1, 2, 3)).float()
     pred = np.array([0, 1, 2, 0, 1, 2, 2])
-    per_class = class_log_probs(model, x, batch_size=4)  # (7, K), in chunks of one image
+    per_class, surprise = class_scores(
+        model, x, batch_size=4, surprise_pixels=2
+    )  # (7, K) each, 1 image a chunk
     with torch.no_grad():
         explicit = torch.stack([model.log_prob(x, torch.full((7,), k)) for k in range(K)], 1).double()
+        logits = model(x, torch.from_numpy(pred))  # (7, 256, 1, 2, 3)
     np.testing.assert_allclose(per_class, explicit.numpy(), atol=1e-4)
     bits = 6 * math.log(2)
-    s = conditional_scores(per_class, pred, 6)
+    s = conditional_scores(per_class, pred, 6, surprise)
+    pixel_bits = np.array(
+        [
+            [
+                -math.log2(logits[i, :, 0, r, c].double().softmax(0)[int(x[i, 0, r, c])])
+                for r in range(2)
+                for c in range(3)
+            ]
+            for i in range(7)
+        ]
+    )  # (7, 6): each pixel's -log2 p(x_i | x_<i, ŷ)
+    np.testing.assert_allclose(s["-surprise"], np.sort(pixel_bits, 1)[:, -2:].mean(1), rtol=1e-5)
+    assert "-surprise" not in conditional_scores(per_class, pred, 6)
     marginal = -(np.log(np.exp(explicit.numpy()).sum(1) / K)) / bits
     np.testing.assert_allclose(s[""], marginal, rtol=1e-6)  # float32 passes, batched differently
     np.testing.assert_allclose(s["-pred"], -explicit.numpy()[np.arange(7), pred] / bits, rtol=1e-6)
@@ -187,7 +202,7 @@ def test_scores_are_exact_on_a_tiny_model() -> None:
         conditional_scores(per_class, np.full(7, 3), 6)
 
 
-def test_score_table_writes_the_three_conditional_scores() -> None:
+def test_score_table_writes_the_four_conditional_scores() -> None:
     from ardetect.scoring import ImageSet, ScoreConfig, score_table
 
     model = conditional_model("pixelcnn", (1, 2, 3), 256)
@@ -195,7 +210,8 @@ def test_score_table_writes_the_three_conditional_scores() -> None:
     ids, labels = np.arange(5), np.array([0, 1, 2, 0, 1])
     sets = [ImageSet("test", images, ids, labels, labels)]
     table, speed = score_table({"c": (model, None)}, sets, ScoreConfig(batch_size=6), progress=False)
-    assert list(dict.fromkeys(table["model"])) == ["c", "c-pred", "c-disagree"] and list(speed) == ["c"]
+    expected = ["c", "c-pred", "c-disagree", "c-surprise"]
+    assert list(dict.fromkeys(table["model"])) == expected and list(speed) == ["c"]
     with torch.no_grad():
         ll = model.log_prob(torch.from_numpy(images).float(), torch.from_numpy(labels)).double().numpy()
     np.testing.assert_allclose(
@@ -204,7 +220,8 @@ def test_score_table_writes_the_three_conditional_scores() -> None:
 
 
 def test_the_combined_detector_is_the_smaller_calibrated_pvalue() -> None:
-    """-log10 min(p_marginal, p_disagree), each ranked against its own calib rows."""
+    """-log10 min(p_surprise, p_disagree), each ranked against its own calib rows; the marginal BPD
+    (model ``c`` itself) is not part of it."""
     import pandas as pd
 
     from ardetect.detection import pvalues, with_combined
@@ -228,14 +245,15 @@ def test_the_combined_detector_is_the_smaller_calibrated_pvalue() -> None:
         )
 
     source = np.array(["calib"] * 50 + ["test"] * 10)
-    marg, dis = rng.normal(size=60), rng.normal(size=60)
-    table = pd.concat([rows("c", marg, source), rows("c-disagree", dis, source), rows("u", marg, source)])
+    marg, sur, dis = rng.normal(size=60), rng.normal(size=60), rng.normal(size=60)
+    named = {"c": marg, "c-disagree": dis, "c-surprise": sur, "u": marg}
+    table = pd.concat([rows(model, values, source) for model, values in named.items()])
     out = with_combined(table)
     combined = out[out["model"] == "c-combined"]
     assert len(combined) == 60 and "u-combined" not in set(out["model"])
-    expected = -np.log10(np.minimum(pvalues(marg, marg[:50]), pvalues(dis, dis[:50])))
+    expected = -np.log10(np.minimum(pvalues(sur, sur[:50]), pvalues(dis, dis[:50])))
     np.testing.assert_allclose(combined["bpd"], expected)
-    shuffled = pd.concat([rows("c", marg, source), rows("c-disagree", dis, source).iloc[::-1]])
+    shuffled = pd.concat([rows("c-surprise", sur, source), rows("c-disagree", dis, source).iloc[::-1]])
     with pytest.raises(ValueError, match="same images in the same order"):
         with_combined(shuffled)
 

@@ -282,21 +282,25 @@ def tiny_conditional(tiny):  # type: ignore[no-untyped-def]
 
 
 def test_conditional_detector_scores_are_exact_on_8bit_images(tiny_conditional) -> None:  # type: ignore[no-untyped-def]
-    """The relaxed (differentiable) marginal BPD and disagreement equal the score table's exact ones on
-    8-bit images, with the classifier's label."""
-    from ardetect.conditional import class_log_probs, conditional_scores
+    """The relaxed (differentiable) surprise and disagreement equal the score table's exact ones on
+    8-bit images, with the classifier's label; the attacker gets a gradient of the surprise."""
+    from ardetect.conditional import class_scores, conditional_scores
 
     clf, density, x, _ = tiny_conditional
     levels = torch.as_tensor(x).float()
-    detector = Detector(density, (0.0, 0.0))
+    detector = Detector(density, (0.0, 0.0), surprise_pixels=5)
     with torch.no_grad():
         z = clf(levels / 255)
         relaxed = detector.relaxed(levels / 255, z).double().numpy()
     pred = z.argmax(1).numpy()
-    table = conditional_scores(class_log_probs(density, levels, 64), pred, density.num_dims)
-    np.testing.assert_allclose(relaxed[:, 0], table[""], rtol=1e-5)
+    per_class, surprise = class_scores(density, levels, 64, surprise_pixels=5)
+    table = conditional_scores(per_class, pred, density.num_dims, surprise)
+    np.testing.assert_allclose(relaxed[:, 0], table["-surprise"], rtol=1e-5)
     np.testing.assert_allclose(relaxed[:, 1], table["-disagree"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(detector.exact(levels, pred), relaxed, rtol=1e-4, atol=1e-6)
+    unit = (levels / 255 + 0.3 / 255).requires_grad_()  # between levels: the relaxation's gradient
+    detector.relaxed(unit, z)[:, 0].sum().backward()
+    assert unit.grad is not None and (unit.grad.flatten(1).abs() > 0).sum(1).min() >= 5
 
 
 def test_attack_on_the_conditional_detector_judges_both_scores(tiny_conditional) -> None:  # type: ignore[no-untyped-def]

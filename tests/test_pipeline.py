@@ -147,7 +147,10 @@ def test_outputs_and_metrics(repo: tuple[Path, dict[str, str], str]) -> None:
     # dvc metrics show: the compact headline only, one row per density model, the same keys in each
     shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], work, env))
     files = next(iter(shown.values()))["data"]
-    cond = ["pixelcnn_8bit_cond", *(f"pixelcnn_8bit_cond-{s}" for s in ("pred", "disagree", "combined"))]
+    cond = [
+        "pixelcnn_8bit_cond",
+        *(f"pixelcnn_8bit_cond-{s}" for s in ("pred", "disagree", "surprise", "combined")),
+    ]
     assert set(files) == {
         f"data/metrics/headline/{m}.json" for m in ("fvsbn", "nade", "made", "pixelcnn_8bit", *cond)
     }

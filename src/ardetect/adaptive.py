@@ -45,9 +45,9 @@ from ardetect.attacks import (
 )
 from ardetect.attacksets import AttackSet, save_attack_set
 from ardetect.classifier import predict, seeded
-from ardetect.conditional import class_log_probs, conditional_scores
+from ardetect.conditional import class_scores, conditional_scores, top_surprise
 from ardetect.configs import Device, config_dataclass
-from ardetect.detection import threshold_at_fpr, union_thresholds
+from ardetect.detection import COMBINED, threshold_at_fpr, union_thresholds
 from ardetect.models.base import ARModel
 from ardetect.report import save_figure
 from ardetect.scoring import ScoreParams, clean_test_pools, score_bpd
@@ -85,7 +85,7 @@ class AdaptiveParams(AdaptiveConfig):
 
     model: str = "pixelcnn_8bit"  # the 8-bit density model whose detector is attacked (one of train.models)
     num_images: PositiveInt = 100  # the first N originals of the oblivious attacks (paired with them)
-    # a class-conditional 8-bit model whose combined detector (marginal BPD or disagreement) is attacked
+    # a class-conditional 8-bit model whose combined detector (surprise or disagreement) is attacked
     # too, on the first conditional_images originals (K passes per step: 10x the cost per image)
     conditional_model: str | None = "pixelcnn_8bit_cond"
     conditional_images: PositiveInt = 12
@@ -144,6 +144,14 @@ def relaxed_bpd(density: ARModel, x: Tensor, relax: bool = True) -> Tensor:
 
 def relaxed_log_prob(density: ARModel, x: Tensor, y: Tensor | None = None, relax: bool = True) -> Tensor:
     """log p(x) (or log p(x | y) for a class-conditional model) in nats, relaxed as in :func:`relaxed_bpd`."""
+    return relaxed_pixel_log_prob(density, x, y, relax).flatten(1).sum(1)  # (B,)
+
+
+def relaxed_pixel_log_prob(
+    density: ARModel, x: Tensor, y: Tensor | None = None, relax: bool = True
+) -> Tensor:
+    """Each position's log p(x_i | x_<i) (given ``y`` for a class-conditional model) in nats,
+    (B, C, H, W), relaxed as in :func:`relaxed_bpd`."""
     if density.levels != 256:
         raise ValueError(
             f"the adaptive attack needs an 8-bit density model (levels=256), got {density.levels}"
@@ -159,7 +167,7 @@ def relaxed_log_prob(density: ARModel, x: Tensor, y: Tensor | None = None, relax
         lp = (1 - t) * lp_lo + t * lp_hi
     else:
         lp = logp.gather(1, v.detach().round().long().unsqueeze(1)).squeeze(1)
-    return lp.flatten(1).sum(1)  # (B,)
+    return lp  # (B, C, H, W)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +175,14 @@ class Detector:
     """The defence the attacker evades: an image is flagged when any of its scores exceeds its threshold.
 
     An unconditional 8-bit model: one score, BPD. A class-conditional one (``ardetect.conditional``): the
-    marginal BPD and the generative disagreement with the classifier's label, each with the threshold at
-    which the union (the score table's ``-combined`` detector, the smaller of two calibrated p-values)
-    flags ``fpr`` of the clean calibration images.
+    surprise under the classifier's label (``surprise_pixels``) and the generative disagreement with
+    it, each with the threshold at which the union (the score table's ``-combined`` detector, the
+    smaller of two calibrated p-values) flags ``fpr`` of the clean calibration images.
     """
 
     density: ARModel
     thresholds: tuple[float, ...]
+    surprise_pixels: int = 50
 
     @property
     def conditional(self) -> bool:
@@ -186,20 +195,26 @@ class Detector:
             return relaxed_bpd(self.density, x, relax)[:, None]  # (B, 1)
         k, b = self.density.num_classes, len(x)
         labels = [torch.full((b,), c, device=x.device) for c in range(k)]
-        per_class = torch.stack([relaxed_log_prob(self.density, x, y, relax) for y in labels], 1)  # (B, K)
-        total = torch.logsumexp(per_class, 1)  # (B,)
-        given = per_class.gather(1, z.argmax(1, keepdim=True)).squeeze(1)  # (B,)
-        bits = self.density.num_dims * math.log(2.0)
-        return torch.stack([-(total - math.log(k)) / bits, (total - given) / bits], 1)  # (B, 2)
+        pixels = torch.stack(
+            [relaxed_pixel_log_prob(self.density, x, y, relax).flatten(1) for y in labels], 1
+        )  # (B, K, D)
+        per_class = pixels.sum(2)  # (B, K)
+        label = z.argmax(1, keepdim=True)  # (B, 1)
+        given = per_class.gather(1, label).squeeze(1)  # (B,)
+        surprise = top_surprise(-pixels[torch.arange(b, device=x.device), label[:, 0]], self.surprise_pixels)
+        disagree = (torch.logsumexp(per_class, 1) - given) / (self.density.num_dims * math.log(2.0))  # (B,)
+        return torch.stack([surprise, disagree], 1)  # (B, 2)
 
     @torch.no_grad()
     def exact(self, levels: Tensor, prediction: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """The exact scores of 8-bit images (levels, (N, C, H, W)) with the classifier's labels: (N, J)."""
         if not self.conditional:
             return self.density.bpd(levels).double().cpu().numpy()[:, None]
-        per_class = class_log_probs(self.density, levels, batch_size, levels.device)
-        scores = conditional_scores(per_class, prediction, self.density.num_dims)
-        return np.stack([scores[""], scores["-disagree"]], 1)  # (N, 2)
+        per_class, surprise = class_scores(
+            self.density, levels, batch_size, levels.device, self.surprise_pixels
+        )
+        scores = conditional_scores(per_class, prediction, self.density.num_dims, surprise)
+        return np.stack([scores[suffix] for suffix in COMBINED], 1)  # (N, 2)
 
     def flagged(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray((scores > np.asarray(self.thresholds)).any(1))  # (N,)
@@ -235,7 +250,8 @@ class AdaptiveResult:
     """One adaptive attack set on N images, judged after rounding to 8 bits.
 
     ``success``: the classifier is fooled (prediction ≠ label) and the attack did not return its failure
-    sentinel; ``evaded``: exact BPD ≤ threshold (the detector does not flag it); ``joint``: both. The
+    sentinel; ``evaded``: the detector does not flag it (exact scores); ``joint``: both. ``bpd``: the
+    detector's first exact score (BPD; the surprise for a conditional detector). The
     summary's ``evasion_rate`` is over the successful ones (1 − the detector's TPR on them), so
     ``joint_success = classifier_success × evasion_rate``.
     """
@@ -350,7 +366,7 @@ def run_adaptive(
     with torch.no_grad():
         levels = torch.as_tensor(adversarial).float().to(device)  # (N, C, H, W)
         prediction = classifier(levels / 255.0).argmax(1).cpu().numpy()
-    scores = detector.exact(levels, prediction)  # (N, J): BPD first
+    scores = detector.exact(levels, prediction)  # (N, J): BPD (conditional: surprise) first
     bpd = scores[:, 0]
     linf, l2 = perturbation_norms((adversarial.astype(np.float64) - images_uint8.astype(np.float64)) / 255.0)
     success = (prediction != np.asarray(labels)) & ~failed
@@ -472,8 +488,9 @@ def detector_threshold(
         calib_bpd, _ = score_bpd(density, images[calib], None, score, device, progress=False)
         return Detector(density, (threshold_at_fpr(calib_bpd, fpr),)), attacked
     levels = torch.as_tensor(images[calib]).float().to(device)  # (N, C, H, W)
-    calib_scores = Detector(density, ()).exact(levels, predict(classifier, images[calib]), score.batch_size)
-    return Detector(density, union_thresholds(calib_scores, fpr)), attacked
+    unset = Detector(density, (), score.surprise_pixels)
+    calib_scores = unset.exact(levels, predict(classifier, images[calib]), score.batch_size)
+    return Detector(density, union_thresholds(calib_scores, fpr), score.surprise_pixels), attacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,7 +534,7 @@ class AdaptiveRun:
             name, detector, results = self.conditional
             out["conditional"] = {
                 "model": name,
-                "thresholds": {"bpd": detector.thresholds[0], "disagree": detector.thresholds[1]},
+                "thresholds": dict(zip(("surprise", "disagree"), detector.thresholds)),
                 "sets": {r.attack_set.slug: r.summary() for r in results},
             }
         return out

@@ -281,11 +281,15 @@ def with_pvalues(scores: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+COMBINED = ("-surprise", "-disagree")  # the scores of a conditional model ``m`` that ``m-combined`` unites
+
+
 def combined_rows(table: pd.DataFrame, model: str) -> pd.DataFrame:
-    """Rows of ``model-combined``: for every image scored by ``model`` and ``model-disagree``, -log10 of
-    the smaller of the two p-values against each score's ``calib`` rows (the union of two detectors)."""
+    """Rows of ``model-combined``: for every image scored by ``model-surprise`` and ``model-disagree``,
+    -log10 of the smaller of the two p-values against each score's ``calib`` rows (the union of two
+    detectors: a few improbable pixels under p(x | ŷ), or a label the generative classifier doubts)."""
     parts = []
-    for suffix in ("", "-disagree"):
+    for suffix in COMBINED:
         rows = table[table["model"] == model + suffix].reset_index(drop=True)
         calib = rows.loc[rows["source"] == "calib", "bpd"]
         if calib.empty:
@@ -294,7 +298,9 @@ def combined_rows(table: pd.DataFrame, model: str) -> pd.DataFrame:
     (first, p_first), (second, p_second) = parts
     key = ["source", "attack", "epsilon", "image_id"]
     if not first[key].fillna(-1).equals(second[key].fillna(-1)):
-        raise ValueError(f"{model} and {model}-disagree must score the same images in the same order")
+        raise ValueError(
+            f"{model}{COMBINED[0]} and {model}{COMBINED[1]} must score the same images in the same order"
+        )
     out = first.copy()
     out["model"] = model + "-combined"
     out["bpd"] = -np.log10(np.minimum(p_first, p_second))
@@ -318,8 +324,8 @@ def union_thresholds(calib: np.ndarray, fpr: float) -> tuple[float, ...]:
 def with_combined(scores: pd.DataFrame) -> pd.DataFrame:
     """The score table with ``m-combined`` rows after every conditional model ``m`` (one that has
     ``m-disagree`` rows; ``ardetect.conditional``)."""
-    models = list(dict.fromkeys(scores["model"]))
-    conditional = [m for m in models if f"{m}-disagree" in models]
+    suffix = COMBINED[1]
+    conditional = [m.removesuffix(suffix) for m in dict.fromkeys(scores["model"]) if m.endswith(suffix)]
     return pd.concat([scores, *(combined_rows(scores, m) for m in conditional)], ignore_index=True)
 
 

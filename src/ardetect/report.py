@@ -80,6 +80,8 @@ def score_axis_label(model: str) -> str:
         return "generative disagreement -log2 p_gen(ŷ | x) / D"
     if model.endswith("-pred"):
         return "bits per dimension given ŷ"
+    if model.endswith("-surprise"):
+        return "surprise: mean of the largest per-pixel -log2 p(x_i | x_<i, ŷ)"
     return "bits per dimension"
 
 
@@ -284,10 +286,10 @@ def adaptive_comparison(
         th = cond["thresholds"]
         notes.append(
             f"Against the class-conditional detector ({cond['model']}-combined: flagged when the "
-            f"marginal BPD exceeds {th['bpd']:.4f} or the generative disagreement −log2 p_gen(ŷ | x)/D "
-            f"exceeds {th['disagree']:.5f}, the union of two calibrated p-values at {fpr:.0%} FPR), the "
-            f"same attacks use detected = max_k z_k + {meta['scale']:g} · max(BPD − τ_bpd, "
-            "disagreement − τ_dis), the disagreement taken with the classifier's current label, on "
+            f"surprise under p(x | ŷ) exceeds {th['surprise']:.3f} bits/pixel or the generative "
+            f"disagreement −log2 p_gen(ŷ | x)/D exceeds {th['disagree']:.5f}, the union of two calibrated "
+            f"p-values at {fpr:.0%} FPR), the same attacks use detected = max_k z_k + {meta['scale']:g} · "
+            "max(surprise − τ_sur, disagreement − τ_dis), both taken with the classifier's current label, on "
             f"{len(found[1][1])} originals. **{found[1][2]}.**"
         )
     return pd.concat([t for t, _, _ in found], ignore_index=True), "\n\n".join(notes)
@@ -448,7 +450,7 @@ def _with_derived(
     train: Mapping[str, Mapping[str, float]], scored: Sequence[str]
 ) -> dict[str, Mapping[str, float]]:
     """``train`` with each derived detector of a conditional model (``m-pred``, ``m-disagree``,
-    ``m-combined``) after its model, sharing the model's training metrics."""
+    ``m-surprise``, ``m-combined``) after its model, sharing the model's training metrics."""
     out: dict[str, Mapping[str, float]] = {}
     for model, m in train.items():
         out[model] = m
@@ -458,7 +460,7 @@ def _with_derived(
 
 def conditional_section(train: Mapping[str, Mapping[str, float]], detection: pd.DataFrame) -> str:
     """report.md's section on the class-conditional models: likelihoods, the generative classifier and
-    the four detectors each one yields, on the minimal attacks and the adaptive ones."""
+    the five detectors each one yields, on the minimal attacks and the adaptive ones."""
     rows = []
     for model, m in train.items():
         if "gen_accuracy" not in m:
@@ -477,7 +479,7 @@ def conditional_section(train: Mapping[str, Mapping[str, float]], detection: pd.
     names = [
         d
         for r in rows
-        for d in [r["model"], *(f"{r['model']}{s}" for s in ("-pred", "-disagree", "-combined"))]
+        for d in [r["model"], *(f"{r['model']}-{s}" for s in ("pred", "disagree", "surprise", "combined"))]
     ]
     cells = detection[detection["model"].isin(names)]
     pivot = cells.pivot_table(index="model", columns="set", values="auroc", sort=False).reindex(names)
@@ -485,11 +487,13 @@ def conditional_section(train: Mapping[str, Mapping[str, float]], detection: pd.
         "## Class-conditional detector",
         "",
         "A conditional PixelCNN p(x | y) (the label a learned bias and a per-class map in every layer) "
-        "gives four detectors: `m` the marginal BPD, -log2 p(x)/D with "
+        "gives five detectors: `m` the marginal BPD, -log2 p(x)/D with "
         "p(x) = (1/K) Σ_y p(x | y); `m-pred` the BPD given the classifier's label ŷ; `m-disagree` the "
         "generative disagreement -log2 p_gen(ŷ | x)/D = (log Σ_y p(x | y) - log p(x | ŷ))/(D ln 2); "
-        "`m-combined` the smaller of the calibrated p-values of `m` and `m-disagree` (-log10; thresholds "
-        "on calib only). The generative classifier is argmax_y p(x | y).",
+        "`m-surprise` the mean of the largest per-pixel -log2 p(x_i | x_<i, ŷ) (the pixels an attack made "
+        "improbable, which a sum over all D pixels dilutes); `m-combined` the smaller of the calibrated "
+        "p-values of `m-surprise` and `m-disagree` (-log10; thresholds on calib only). The generative "
+        "classifier is argmax_y p(x | y).",
         "",
         _markdown(pd.DataFrame(rows)),
         "",

@@ -35,7 +35,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ardetect.conditional import class_log_probs, conditional_scores
+from ardetect.conditional import class_scores, conditional_scores
 from ardetect.configs import Device, config_dataclass
 from ardetect.distributed import Ranks
 from ardetect.models.base import ARModel
@@ -55,6 +55,7 @@ class ScoreConfig:
     num_draws: Annotated[int, Field(ge=2)] = 8
     seed: NonNegativeInt = 0
     batch_size: PositiveInt = 512
+    surprise_pixels: PositiveInt = 50  # class-conditional models: pixels in the surprise score
 
 
 @config_dataclass
@@ -224,7 +225,7 @@ def score_table(
 
 def batch_rows(model: ARModel, binarization: Binarization, config: ScoreConfig) -> int:
     """Images per forward pass when scoring with ``model``: :func:`score_bpd`'s batches, or for a
-    class-conditional model ``conditional.class_log_probs``'s (``config.batch_size`` rows each)."""
+    class-conditional model ``conditional.class_scores``' (``config.batch_size`` rows each)."""
     if model.num_classes:
         return max(1, config.batch_size // model.num_classes)
     return max(1, config.batch_size // config.num_draws) if binarization == "dynamic" else config.batch_size
@@ -242,27 +243,28 @@ def raw_scores(
 ) -> tuple[np.ndarray, ...]:
     """What ``model`` computes for the set's images ``lo:hi`` (row numbers seed the draws as in the
     whole set): (BPD, standard error), each (n,), or a class-conditional model's (n, K) class
-    log-likelihoods. Batches start at ``lo``: with ``lo`` a multiple of :func:`batch_rows`, they are
-    the whole set's batches."""
+    log-likelihoods and surprises (``conditional.class_scores``). Batches start at ``lo``: with ``lo`` a
+    multiple of :func:`batch_rows`, they are the whole set's batches."""
     if not model.num_classes:
         rows = np.arange(lo, min(hi, len(s.images)))
         return score_bpd(model, s.images[lo:hi], binarization, config, device, False, threshold, rows=rows)
     levels = levels_for_256(gray_to_unit(s.images[lo:hi], model.image_shape))  # (n, C, H, W)
-    return (class_log_probs(model, levels, config.batch_size, device),)  # (n, K)
+    return class_scores(model, levels, config.batch_size, device, config.surprise_pixels)  # 2 × (n, K)
 
 
 def finish_scores(
     model: ARModel, s: ImageSet, raw: tuple[np.ndarray, ...]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """BPD and standard error of the set's images, from the whole set's :func:`raw_scores`, keyed by
-    model-name suffix: ``""`` alone, or for a class-conditional model its marginal, ``-pred`` and
-    ``-disagree`` scores (``ardetect.conditional``; exact, standard error 0)."""
+    model-name suffix: ``""`` alone, or for a class-conditional model its marginal, ``-pred``,
+    ``-disagree`` and ``-surprise`` scores (``ardetect.conditional``; exact, standard error 0)."""
     if not model.num_classes:
         bpd, se = raw
         return {"": (bpd, se)}
-    (per_class,) = raw
+    per_class, surprise = raw
     zero = np.zeros(len(per_class))
-    return {k: (v, zero) for k, v in conditional_scores(per_class, s.prediction, model.num_dims).items()}
+    scores = conditional_scores(per_class, s.prediction, model.num_dims, surprise)
+    return {k: (v, zero) for k, v in scores.items()}
 
 
 def _frame(s: ImageSet, model: str, bpd: np.ndarray, se: np.ndarray) -> pd.DataFrame:

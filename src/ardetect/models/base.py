@@ -165,16 +165,18 @@ class ARModel(nn.Module):
             return out.reshape(b, *self.image_shape)  # (B, C, H, W)
         return out.transpose(1, 2).reshape(b, self.levels, *self.image_shape)  # (B, levels, C, H, W)
 
+    def pixel_nll_from_logits(self, logits: Tensor, x: Tensor) -> Tensor:
+        """-log p(x_i | x_<i) of every position in nats, (B, C, H, W), from the conditionals ``logits``."""
+        if self.levels == 2:
+            return F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
+        if (last := logits.movedim(1, -1)).is_contiguous():  # levels-last storage: 1.4x faster
+            flat = last.reshape(-1, self.levels).float()  # (B*C*H*W, levels): a view
+            return F.cross_entropy(flat, x.reshape(-1).long(), reduction="none").view(x.shape)  # (B, C, H, W)
+        return F.cross_entropy(logits.float(), x.long(), reduction="none")  # (B, C, H, W)
+
     def log_prob_from_logits(self, logits: Tensor, x: Tensor) -> Tensor:
         """Exact log-likelihood in nats, shape (B,), from the conditionals ``logits``."""
-        if self.levels == 2:
-            nll = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none")
-        elif (last := logits.movedim(1, -1)).is_contiguous():  # levels-last storage: 1.4x faster
-            flat = last.reshape(-1, self.levels).float()  # (B*C*H*W, levels): a view
-            nll = F.cross_entropy(flat, x.reshape(-1).long(), reduction="none").view(x.shape)  # (B, C, H, W)
-        else:
-            nll = F.cross_entropy(logits.float(), x.long(), reduction="none")  # (B, C, H, W)
-        return -nll.flatten(1).sum(1)  # (B,)
+        return -self.pixel_nll_from_logits(logits, x).flatten(1).sum(1)  # (B,)
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Natural-log likelihood of each image, shape (B,): log p(x), or log p(x | y) given labels ``y``
@@ -186,14 +188,19 @@ class ARModel(nn.Module):
 
     def class_log_probs(self, x: Tensor) -> Tensor:
         """log p(x | y = k) for every class k, shape (B, K): one pass over the batch per class."""
+        return -self.class_pixel_nll(x).sum(2)  # (B, K)
+
+    def class_pixel_nll(self, x: Tensor) -> Tensor:
+        """-log p(x_i | x_<i, y = k) of every position and class k in nats, shape (B, K, D): one pass
+        over the batch per class (``class_log_probs`` sums it over D)."""
         self.check_input(x)
         if not self.num_classes:
             raise ValueError(f"{self.name} is not class-conditional (num_classes = 0)")
         per_class = [
-            self.log_prob_from_logits(self(x, torch.full((x.shape[0],), k, device=x.device)), x)  # (B,)
+            self.pixel_nll_from_logits(self(x, torch.full((x.shape[0],), k, device=x.device)), x).flatten(1)
             for k in range(self.num_classes)
-        ]
-        return torch.stack(per_class, dim=1)  # (B, K)
+        ]  # K × (B, D)
+        return torch.stack(per_class, dim=1)  # (B, K, D)
 
     def training_nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Mean NLL (nats per image) that training minimises: -log p(x | y) for class-conditional models
