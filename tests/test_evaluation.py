@@ -318,4 +318,5 @@ def test_attack_on_the_conditional_detector_judges_both_scores(tiny_conditional)
         scores = Detector(density, ()).exact(adv, clf(adv / 255).argmax(1).numpy())
     assert np.array_equal(r.evaded, ~(scores > np.asarray(detector.thresholds)).any(1))
     np.testing.assert_allclose(r.bpd, scores[:, 0])
+    assert r.summary()["mean_surprise"] == pytest.approx(scores[:, 0].mean())
     assert np.abs(r.adversarial.astype(int) - x[:6]).max() <= 8

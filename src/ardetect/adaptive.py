@@ -269,6 +269,7 @@ class AdaptiveResult:
     l2: np.ndarray
     scale: float
     seconds_per_image: float
+    score_name: str = "bpd"  # what ``bpd`` holds: "surprise" for a conditional detector
 
     def summary(self) -> dict[str, float]:
         ok = self.success
@@ -278,7 +279,7 @@ class AdaptiveResult:
             "evasion_rate": float(self.evaded[ok].mean()) if ok.any() else math.nan,
             "joint_success": float(self.joint.mean()),
             "failed": float(self.failed.sum()),
-            "mean_bpd": float(self.bpd.mean()),
+            f"mean_{self.score_name}": float(self.bpd.mean()),
             "mean_linf": float(self.linf[ok].mean()) if ok.any() else math.nan,
             "mean_l2": float(self.l2[ok].mean()) if ok.any() else math.nan,
             "scale": self.scale,
@@ -385,6 +386,7 @@ def run_adaptive(
         l2=l2,
         scale=scale,
         seconds_per_image=seconds,
+        score_name="surprise" if detector.conditional else "bpd",
     )
 
 
