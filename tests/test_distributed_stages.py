@@ -258,7 +258,8 @@ def test_two_ranks_score_like_one_process(two_ranks: Path) -> None:
     import pandas as pd
 
     table, speed = score_case()
-    assert set(table["model"]) == {"made", "fvsbn", "pixelcnn_8bit", "cond", "cond-pred", "cond-disagree"}
+    cond = {"cond", "cond-pred", "cond-disagree", "cond-surprise"}
+    assert set(table["model"]) == {"made", "fvsbn", "pixelcnn_8bit", *cond}
     assert (table.query("model == 'made'")["bpd_se"] > 0).all()  # dynamic: draws per row
     for got_table, got_speed in rank_results(two_ranks, "score"):
         pd.testing.assert_frame_equal(got_table, table, check_exact=True)

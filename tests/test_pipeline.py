@@ -173,7 +173,7 @@ def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
     assert attack["pgd_e51"]["success_after_rounding"] > attack["noise_e51"]["success_after_rounding"]
     scores = pd.read_parquet(work / "data/scores/scores.parquet")
     scorers = {"fvsbn", "nade", "made", "pixelcnn_8bit", "pixelcnn_8bit_cond"}
-    cond = {"pixelcnn_8bit_cond-pred", "pixelcnn_8bit_cond-disagree"}  # the conditional model's scores
+    cond = {f"pixelcnn_8bit_cond-{s}" for s in ("pred", "disagree", "surprise")}  # the conditional model's
     assert set(scores["model"]) == scorers | cond
     assert set(scores["source"]) == {"train_ref", "calib", "test", "adversarial"}
     binary = scores[scores["model"] == "made"]

@@ -45,7 +45,7 @@ from ardetect.attacks import (
 )
 from ardetect.attacksets import AttackSet, save_attack_set
 from ardetect.classifier import predict, seeded
-from ardetect.conditional import class_scores, conditional_scores, top_surprise
+from ardetect.conditional import SURPRISE_PIXELS, class_scores, conditional_scores, top_surprise
 from ardetect.configs import Device, config_dataclass
 from ardetect.detection import COMBINED, threshold_at_fpr, union_thresholds
 from ardetect.models.base import ARModel
@@ -182,7 +182,7 @@ class Detector:
 
     density: ARModel
     thresholds: tuple[float, ...]
-    surprise_pixels: int = 50
+    surprise_pixels: int = SURPRISE_PIXELS
 
     @property
     def conditional(self) -> bool:

@@ -29,6 +29,7 @@ from torch import Tensor
 from ardetect.models.base import ARModel
 
 SUFFIXES = ("", "-pred", "-disagree", "-surprise")  # the scores of one conditional model ``m``
+SURPRISE_PIXELS = 50  # default pixels of the surprise score (``score.surprise_pixels``)
 
 
 def top_surprise(pixel_nll: Tensor, pixels: int) -> Tensor:
@@ -42,7 +43,7 @@ def class_scores(
     levels: Tensor,
     batch_size: int,
     device: torch.device | str = "cpu",
-    surprise_pixels: int = 50,
+    surprise_pixels: int = SURPRISE_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every image (levels, (N, C, H, W)) and class k: log p(x | y = k) in nats and the surprise
     under k (:func:`top_surprise` of ``surprise_pixels``), two (N, K) float64 arrays from the same K

@@ -35,7 +35,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ardetect.conditional import class_scores, conditional_scores
+from ardetect.conditional import SURPRISE_PIXELS, class_scores, conditional_scores
 from ardetect.configs import Device, config_dataclass
 from ardetect.distributed import Ranks
 from ardetect.models.base import ARModel
@@ -55,7 +55,7 @@ class ScoreConfig:
     num_draws: Annotated[int, Field(ge=2)] = 8
     seed: NonNegativeInt = 0
     batch_size: PositiveInt = 512
-    surprise_pixels: PositiveInt = 50  # class-conditional models: pixels in the surprise score
+    surprise_pixels: PositiveInt = SURPRISE_PIXELS  # class-conditional models: pixels in the surprise score
 
 
 @config_dataclass
