@@ -217,7 +217,7 @@ def test_detection_outputs(repo: tuple[Path, dict[str, str], str]) -> None:
     for m in [*adaptive["sets"].values(), *conditional["sets"].values()]:
         assert m["n"] in (8, 4) and 0 <= m["joint_success"] <= m["classifier_success"]
     adv = scores[scores["attack"].fillna("").str.startswith("adaptive_")]
-    assert set(adv["model"]) == scorers | cond and len(adv) == 7 * (3 * 8 + 2 * 4)
+    assert set(adv["model"]) == scorers | cond and len(adv) == len(scorers | cond) * (3 * 8 + 2 * 4)
     assert "pixelcnn_8bit_cond-combined" in detection and "## Class-conditional detector" in report
     gen = json.loads((work / "data/metrics/train/pixelcnn_8bit_cond.json").read_text())
     assert 0 <= gen["gen_accuracy"] <= 1 and gen["test_marginal_images"] == 100
