@@ -61,13 +61,20 @@ def batch(model: ARModel, n: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, model.levels, (n, *model.image_shape), device=device).float()
 
 
-def train_step_fn(model: ARModel, x: torch.Tensor, amp: bool) -> Callable[[], None]:
+def labels(model: ARModel, n: int, device: torch.device) -> torch.Tensor | None:
+    """Random labels for a class-conditional model (its training pairs each image with one), else None."""
+    return torch.randint(0, model.num_classes, (n,), device=device) if model.num_classes else None
+
+
+def train_step_fn(
+    model: ARModel, x: torch.Tensor, amp: bool, y: torch.Tensor | None = None
+) -> Callable[[], None]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     device = x.device
 
     def step() -> None:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model.training_nll(x)
+            loss = model.training_nll(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -75,10 +82,10 @@ def train_step_fn(model: ARModel, x: torch.Tensor, amp: bool) -> Callable[[], No
     return step
 
 
-def train_flops(model: ARModel, x: torch.Tensor) -> int:
+def train_flops(model: ARModel, x: torch.Tensor, y: torch.Tensor | None = None) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
-        model.training_nll(x).backward()
+        model.training_nll(x, y).backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
@@ -122,6 +129,13 @@ def main() -> None:
     ap.add_argument("--sample-n", type=int, default=16, help="images per sampling call (0: skip sampling)")
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum timing window per measurement")
     ap.add_argument("--shape", type=int, nargs=3, default=[1, 28, 28])
+    ap.add_argument(
+        "--classes",
+        type=int,
+        default=10,
+        help="class count of conditional models (MNIST, Fashion-MNIST: 10); they train on random labels "
+        "and score by their exact marginal, one pass per class, as the score stage does",
+    )
     ap.add_argument("--channels-last", action="store_true", help="conv models in channels-last memory format")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     ap.add_argument(
@@ -161,16 +175,16 @@ def main() -> None:
         entry = params.models[name]
         tp = params.train_params(name)
         torch.manual_seed(0)
-        model = entry.build(shape).to(device)
+        model = entry.build(shape, args.classes if entry.conditional else 0).to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if args.compile:
             model.compile()
         bsz = args.batch or tp.batch_size
-        x = batch(model, bsz, device)
+        x, y = batch(model, bsz, device), labels(model, bsz, device)
         amp = tp.amp and device.type == "cuda"
         model.train()
-        t_train = timed(train_step_fn(model, x, amp), device, args.seconds)
+        t_train = timed(train_step_fn(model, x, amp, y), device, args.seconds)
         model.eval()
         xs = batch(model, tp.eval_batch_size, device)
         with torch.inference_mode():
@@ -184,6 +198,7 @@ def main() -> None:
             "arch": entry.arch,
             "levels": entry.levels,
             "parameters": sum(p.numel() for p in model.parameters()),
+            "classes": model.num_classes,
             "train_batch": bsz,
             "channels_last": args.channels_last,
             "compiled": args.compile,
@@ -193,7 +208,7 @@ def main() -> None:
         }
         if entry.arch == "pixelcnn":
             model.train()
-            flops = train_flops(model, x)
+            flops = train_flops(model, x, y)
             row["train_flops_per_step"] = flops
             row["train_flops_per_second"] = flops / t_train
             row["fraction_of_fp32_matmul_peak"] = flops / t_train / peak

@@ -68,7 +68,7 @@ def main() -> None:
             )
             data = training_data(folder, entry.levels, b.mode, b.resample_train, b.seed + tp.seed, device)
             torch.manual_seed(tp.seed)
-            model = entry.build(data.image_shape)
+            model = entry.build(data.image_shape, data.num_classes)
             t0 = time.perf_counter()
             result = fit(
                 model, data.train, data.val, tp, checkpoint_path=folder / f"{name}.pt", device=device

@@ -32,6 +32,7 @@ def test_bench_models_writes_json(tmp_path: Path) -> None:
             "--models",
             "fvsbn",
             "pixelcnn",
+            "pixelcnn_8bit_cond",
             "--shape",
             "1",
             "4",
@@ -53,12 +54,14 @@ def test_bench_models_writes_json(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     machine, rows = result["machine"], result["models"]
     assert machine["fp32_matmul_flops"] > 0
-    assert list(rows) == ["fvsbn", "pixelcnn"]
+    assert list(rows) == ["fvsbn", "pixelcnn", "pixelcnn_8bit_cond"]
     params = load_params(ROOT / "params.yaml")
     for name, row in rows.items():
         entry = params.models[name]
         assert (row["arch"], row["levels"], row["train_batch"]) == (entry.arch, entry.levels, 4)
-        model = entry.build((1, 4, 4))
+        classes = 10 if entry.conditional else 0  # the benchmark's default class count
+        assert row["classes"] == classes
+        model = entry.build((1, 4, 4), classes)
         assert row["parameters"] == sum(p.numel() for p in model.parameters()), "not the profile's model"
         assert row["train_images_per_second"] > 0 and row["score_images_per_second"] > 0
     # the FLOP rate is the counted FLOPs per step at the measured step rate, against the measured peak
