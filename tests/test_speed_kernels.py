@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ardetect.models import build_model
+from ardetect.models.gated_pixelcnn import GatedPixelCNN
 from ardetect.models.nade import NADE
 from ardetect.models.pixelcnn import PixelCNN, ResidualBlock
 
@@ -151,6 +152,30 @@ def test_pixelcnn_matches_dense_masked_convolutions(levels: int) -> None:
     for k, p in model.named_parameters():
         assert p.grad is not None
         assert torch.allclose(fast[k].double(), p.grad.double(), atol=1e-3, rtol=1e-4), k
+
+
+def test_gated_pixelcnn_levels_last_logits_equal_the_convolution_head() -> None:
+    """The gated model's head stores 256-level logits levels-last (one addmm); the values, likelihoods
+    and gradients are those of the plain 1x1 convolution head."""
+    torch.manual_seed(0)
+    model = build_model("gated_pixelcnn", (1, 6, 5), levels=256, channels=4, layers=3, head_channels=8)
+    randomize(model, 3)
+    x = torch.randint(0, 256, (3, 1, 6, 5)).float()
+    out = model(x)
+    assert out.movedim(1, -1).is_contiguous() and not out.is_contiguous()
+    model.log_prob(x).sum().backward()
+    fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    assert isinstance(model, GatedPixelCNN)
+    model.head.matmul_last = False  # the nn.Conv2d path
+    ref = model(x)
+    assert ref.is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    model.log_prob(x).sum().backward()
+    slow = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert slow.keys() == fast.keys() and "head.3.weight" in fast
+    for k, grad in slow.items():
+        assert torch.allclose(fast[k], grad, atol=1e-4, rtol=1e-4), k
 
 
 def test_pixelcnn_checkpoints_load_into_either_memory_format() -> None:
